@@ -1,0 +1,101 @@
+"""The ``sft-lightning`` command: LightningCLI for fit | validate | test | predict, plus ``export``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import CLI
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from sft_lightning.datamodule import ChatMLDataModule
+from sft_lightning.export import export
+from sft_lightning.module import ModelLoadError, SFTLitModule
+from sft_lightning.records import DataError
+from sft_lightning.render import TemplateError
+from sft_lightning.writers import JsonlPredictionWriter
+
+# Bad input the user can fix: reported as one line, without a traceback.
+USER_ERRORS = (DataError, TemplateError, ModelLoadError, FileNotFoundError)
+
+
+class SFTLightningCLI(LightningCLI):
+    def __init__(self, args=None, **kwargs) -> None:
+        super().__init__(
+            SFTLitModule,
+            ChatMLDataModule,
+            trainer_defaults={"default_root_dir": "outputs"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # the module owns AdamW and its schedule
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val_loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "step{step:06d}-val_loss{val_loss:.4f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({
+            "early_stopping.monitor": "val_loss",
+            "early_stopping.patience": 3,
+            # Only judge after a validation run, so a fit without val data is never stopped for lack of it.
+            "early_stopping.check_on_train_epoch_end": False,
+        })
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("--output_path", type=Optional[str], default=None,
+                                help="JSONL file for the predictions (input messages and the generated text)")
+        return parser
+
+    def before_predict(self) -> None:
+        output_path = self.config.predict.output_path
+        if output_path is None:
+            raise DataError("predict needs --output_path FILE.jsonl")
+        self.trainer.callbacks.append(JsonlPredictionWriter(output_path))
+
+    def after_fit(self) -> None:
+        """Export the best weights (else the last) as ``hf_model/`` in the run's log directory."""
+        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+            return
+        callback = self.trainer.checkpoint_callback
+        ckpt = callback and (callback.best_model_path or callback.last_model_path)
+        if ckpt:
+            export(ckpt, str(Path(self.trainer.log_dir) / "hf_model"))
+
+
+def export_main(args: list[str]) -> None:
+    CLI(export, args=args, prog="sft-lightning export")
+
+
+EXTRA_VERBS = {"export": export_main}
+
+
+def cli_main(args: Optional[list[str]] = None) -> None:
+    """Entry point of ``sft-lightning``; ``args`` lets tests and notebooks run it in-process."""
+    argv = sys.argv[1:] if args is None else list(args)
+    try:
+        if argv and argv[0] in EXTRA_VERBS:
+            EXTRA_VERBS[argv[0]](argv[1:])
+        else:
+            SFTLightningCLI(args=args)
+    except USER_ERRORS as err:
+        print(f"sft-lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli_main()

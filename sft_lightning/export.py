@@ -1,0 +1,58 @@
+"""Write a trained model as a Hugging Face folder that plain transformers can load and chat with."""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sft_lightning.module import DType, SFTLitModule
+from sft_lightning.render import stop_token_ids
+
+
+def save_hf_folder(model, tokenizer, output_dir: str | Path) -> Path:
+    """Save safetensors weights, the tokenizer with its chat template, and a generation config that stops at
+    the end-of-turn token. Written to a temporary folder first, so a failure never leaves a half export."""
+    output_dir = Path(output_dir)
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    stops = stop_token_ids(tokenizer)
+    model.config.use_cache = True  # gradient checkpointing turns it off for training
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)
+    return output_dir
+
+
+def load_checkpoint_module(ckpt_path: str | Path) -> SFTLitModule:
+    """Rebuild the module a Lightning checkpoint was saved from; weights come from the checkpoint only."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # LightningCLI adds bookkeeping keys such as `_instantiator` to the saved hyperparameters.
+    accepted = inspect.signature(SFTLitModule).parameters
+    module = SFTLitModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted})
+    module.configure_model(pretrained=False)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module
+
+
+def export(ckpt_path: str, output_dir: str, dtype: Optional[DType] = None) -> None:
+    """Export a training checkpoint as a Hugging Face model folder.
+
+    Args:
+        ckpt_path: a ``.ckpt`` file written by ``sft-lightning fit``.
+        output_dir: folder to write (replaced if it exists).
+        dtype: cast the weights before saving (e.g. ``bfloat16`` to halve the size); default: as trained.
+    """
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
+    module = load_checkpoint_module(ckpt_path)
+    if dtype not in (None, "auto"):
+        module.model.to(getattr(torch, dtype))
+    print(f"exported {ckpt_path} to {save_hf_folder(module.model, module.tokenizer, output_dir)}")

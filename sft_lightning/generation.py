@@ -1,0 +1,41 @@
+"""Batched generation that stops at the end-of-turn token; shared by predict, chat and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sft_lightning.render import stop_token_ids
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict:
+        sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, **sampling}
+
+
+@torch.inference_mode()
+def generate_replies(
+    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings
+) -> list[str]:
+    """Replies to left-padded prompts, cut at the first stop token and decoded without special tokens."""
+    stops = stop_token_ids(tokenizer)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id,
+        **settings.kwargs(),
+    )
+    replies = []
+    for row in output[:, input_ids.shape[1] :].tolist():
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        replies.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return replies

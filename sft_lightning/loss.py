@@ -1,0 +1,64 @@
+"""Token-exact causal LM loss.
+
+The training objective of an optimizer step is the sum of token NLL over every supervised token of that step
+(all micro-batches, all ranks) divided by their count. A micro-batch therefore contributes
+``nll_sum / step_supervised_tokens``; the factors below undo the ``1 / accumulate_grad_batches`` that Lightning
+applies and the ``1 / world_size`` of DDP's gradient averaging.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+from sft_lightning.render import IGNORE_INDEX
+
+
+class TokenStats(NamedTuple):
+    nll_sum: torch.Tensor  # float32 scalar
+    supervised_tokens: torch.Tensor  # int scalar
+    correct: torch.Tensor  # int scalar: argmax predictions equal to the label
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
+    """NLL sum, count and correct predictions over the supervised tokens; position t predicts label t + 1."""
+    shifted_labels = labels[:, 1:]
+    supervised = shifted_labels != IGNORE_INDEX
+    # Only supervised positions go through the float32 softmax: less memory than upcasting every logit.
+    chosen_logits = logits[:, :-1][supervised].float()
+    targets = shifted_labels[supervised]
+    nll_sum = F.cross_entropy(chosen_logits, targets, reduction="sum")
+    correct = (chosen_logits.argmax(dim=-1) == targets).sum()
+    return TokenStats(nll_sum, supervised.sum(), correct)
+
+
+def micro_batch_loss(
+    nll_sum: torch.Tensor, step_supervised_tokens: torch.Tensor, accumulate_grad_batches: int, world_size: int
+) -> torch.Tensor:
+    """The value to backpropagate so that the optimizer step sees the token mean of its whole step."""
+    return nll_sum * (accumulate_grad_batches * world_size) / step_supervised_tokens.clamp(min=1)
+
+
+class TokenMetrics(Metric):
+    """Token-mean loss, perplexity and accuracy over a whole evaluation set (not a mean of batch means)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("supervised_tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, stats: TokenStats) -> None:
+        self.nll_sum += stats.nll_sum.double()
+        self.supervised_tokens += stats.supervised_tokens
+        self.correct += stats.correct
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        tokens = self.supervised_tokens.clamp(min=1)
+        loss = self.nll_sum / tokens
+        return {"loss": loss.float(), "ppl": loss.exp().float(), "acc": (self.correct / tokens).float()}

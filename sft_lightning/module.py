@@ -1,0 +1,176 @@
+"""SFTLitModule: a Hugging Face causal LM trained with the token-exact loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+
+from sft_lightning.generation import GenerationSettings, generate_replies
+from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
+from sft_lightning.render import load_tokenizer
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+# Our names to transformers' scheduler names; "constant" still warms up.
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+class ModelLoadError(ValueError):
+    """The model or its tokenizer cannot be loaded; the message is one user-facing line."""
+
+
+def build_causal_lm(
+    path: str,
+    torch_dtype: DType = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: Optional[str] = None,
+    pretrained: bool = True,
+):
+    """Load ``path`` through ``from_pretrained`` (or only its config, when weights come from a checkpoint)."""
+    dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    try:
+        if pretrained:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+            )
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(
+            config, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    except OSError as err:
+        raise ModelLoadError(f"model {path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+
+
+class SFTLitModule(LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        torch_dtype: DType = "float32",
+        trust_remote_code: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        gradient_checkpointing: bool = False,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> None:
+        """A causal LM from a local Hugging Face folder or a hub name, fine-tuned on supervised tokens only.
+
+        Args:
+            model_name_or_path: folder or hub name loaded with ``AutoModelForCausalLM.from_pretrained``; the
+                tokenizer comes from the same place.
+            torch_dtype: dtype the weights are loaded in; keep ``float32`` master weights with a
+                ``*-mixed`` trainer precision.
+            trust_remote_code: allow the model's own Python code from its folder or the hub.
+            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (None: transformers' default).
+            gradient_checkpointing: recompute activations in the backward pass to save memory.
+            learning_rate: peak AdamW learning rate.
+            weight_decay: AdamW weight decay, not applied to biases and norm weights.
+            warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
+            lr_scheduler: decay after warmup.
+            adam_betas: AdamW betas.
+            max_new_tokens: predict: most tokens generated per answer.
+            do_sample: predict: sample instead of greedy decoding.
+            temperature: predict: sampling temperature.
+            top_p: predict: nucleus sampling mass.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = None
+        self.tokenizer = None
+        self.val_metrics = TokenMetrics()
+        self.test_metrics = TokenMetrics()
+        self._step_loss = torch.zeros(())
+        self._step_started = None
+
+    @property
+    def generation_settings(self) -> GenerationSettings:
+        h = self.hparams
+        return GenerationSettings(h.max_new_tokens, h.do_sample, h.temperature, h.top_p)
+
+    def configure_model(self, pretrained: bool = True) -> None:
+        if self.model is not None:
+            return
+        h = self.hparams
+        self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
+        model = build_causal_lm(
+            h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained
+        )
+        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
+            # The ChatML fallback added <|im_start|>/<|im_end|> to a template-less tokenizer.
+            model.resize_token_embeddings(len(self.tokenizer))
+        if h.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
+        self.model = model.train()
+
+    def _token_stats(self, batch):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return token_stats(logits, batch["labels"])
+
+    def training_step(self, batch, batch_idx):
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        stats = self._token_stats(batch)
+        step_tokens = batch["step_supervised_tokens"]
+        self._step_loss = self._step_loss.to(stats.nll_sum.device) + stats.nll_sum.detach() / step_tokens
+        self._step_tokens = step_tokens
+        return micro_batch_loss(stats.nll_sum, step_tokens, self.trainer.accumulate_grad_batches, self.trainer.world_size)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
+        elapsed = time.perf_counter() - self._step_started
+        self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
+        self.log("train_supervised_tokens_per_s", self._step_tokens.float() / elapsed, rank_zero_only=True)
+        self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+        self._step_loss = torch.zeros((), device=self._step_loss.device)
+        self._step_started = None
+
+    def validation_step(self, batch, batch_idx):
+        self.val_metrics.update(self._token_stats(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.test_metrics.update(self._token_stats(batch))
+
+    def _log_metrics(self, prefix: str, metrics: TokenMetrics) -> None:
+        values = metrics.compute()
+        self.log_dict({f"{prefix}_{name}": value for name, value in values.items()}, prog_bar=prefix == "val")
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def predict_step(self, batch, batch_idx):
+        replies = generate_replies(
+            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation_settings
+        )
+        return [{"index": int(i), "prediction": reply} for i, reply in zip(batch["index"], replies)]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Biases and norm weights are the 1-D parameters; decaying them only hurts.
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.adam_betas))
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = get_scheduler(
+            SCHEDULERS[h.lr_scheduler], optimizer,
+            num_warmup_steps=math.ceil(h.warmup_ratio * total_steps), num_training_steps=total_steps,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,37 @@
+"""Write predictions as JSONL, one object per input in input order."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    def __init__(self, output_path: str) -> None:
+        """Args:
+        output_path: JSONL file; each line holds the input ``messages`` and the generated ``prediction``.
+        """
+        super().__init__(write_interval="epoch")
+        self.output_path = Path(output_path)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        rows = [row for batch in predictions for row in batch]
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * trainer.world_size
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if not trainer.is_global_zero:
+            return
+        by_index = {row["index"]: row["prediction"] for row in rows}  # a distributed sampler may repeat rows
+        records = trainer.datamodule.predict_dataset.records
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.output_path.with_name(self.output_path.name + ".partial")
+        with partial.open("w", encoding="utf-8") as out:
+            for index, record in enumerate(records):
+                out.write(json.dumps({"messages": record.messages, "prediction": by_index[index]}) + "\n")
+        os.replace(partial, self.output_path)
+        print(f"wrote {len(records)} predictions to {self.output_path}")

@@ -1,0 +1,52 @@
+"""Hermetic fixtures: word-level tokenizers built in-process (ids are readable), and the shipped tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_QWEN = str(ROOT / "models" / "tiny-qwen2")
+TINY_LLAMA = str(ROOT / "models" / "tiny-llama3")
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+WORDS = ["\n", "system", "user", "assistant", "be", "brief", "hi", "hello", "how", "are", "you", "fine", "thanks", "bye"]
+
+
+def word_tokenizer(specials: list[str], template: str | None = None, **roles: str) -> PreTrainedTokenizerFast:
+    """One token per word, per newline and per special token, so expected ids can be written by name."""
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("\n"), "isolated"), pre_tokenizers.Split(Regex(" "), "removed")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, additional_special_tokens=specials, chat_template=template, **roles
+    )
+
+
+@pytest.fixture
+def chatml_tokenizer():
+    return word_tokenizer(["<pad>", "<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE, pad_token="<pad>", eos_token="<|im_end|>")
+
+
+@pytest.fixture
+def llama3_tokenizer():
+    specials = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return word_tokenizer(specials, LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def names(tokenizer, ids) -> list:
+    """Token names for ids; None for ignored labels."""
+    return [None if i == -100 else tokenizer.convert_ids_to_tokens(i) for i in ids]

@@ -1,0 +1,98 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sft_lightning.datamodule import ChatMLDataModule
+from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
+from sft_lightning.module import SFTLitModule
+from tests.conftest import ROOT, TINY_QWEN
+
+TRAIN = str(ROOT / "data" / "chatml_data.json")
+
+
+def test_token_stats_sum_and_count_supervised_positions_only():
+    logits = torch.randn(2, 4, 5)
+    labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, -100]])
+    stats = token_stats(logits, labels)
+    expected = sum(
+        F.cross_entropy(logits[b, t - 1], labels[b, t], reduction="sum") for b, t in [(0, 1), (0, 2), (1, 2)]
+    )
+    assert stats.supervised_tokens == 3
+    torch.testing.assert_close(stats.nll_sum, expected)
+
+
+def test_micro_batch_loss_undoes_lightning_and_ddp_averaging():
+    # 2 ranks x accumulation 4: Lightning divides by 4, DDP averages over 2; the step must see sum / 100.
+    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), accumulate_grad_batches=4, world_size=2)
+    assert value / 4 / 2 == pytest.approx(10.0 / 100)
+
+
+def test_token_metrics_are_a_token_mean_not_a_mean_of_batch_means():
+    metric = TokenMetrics()
+    metric.update(token_stats(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]])))  # 2 tokens, nll ln 4 each
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 3] = 50.0
+    metric.update(token_stats(logits, torch.tensor([[-100, 3]])))  # 1 token, nll ~0, correct
+    values = metric.compute()
+    assert values["loss"].item() == pytest.approx(2 * math.log(4) / 3, rel=1e-6)
+    assert values["ppl"].item() == pytest.approx(math.exp(2 * math.log(4) / 3), rel=1e-6)
+    assert values["acc"].item() == pytest.approx(1 / 3)
+
+
+class GradientRecorder(L.Callback):
+    """Keeps the gradient each optimizer step is about to apply."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.steps.append({n: p.grad.detach().clone() for n, p in module.model.named_parameters()})
+
+
+def train_gradients(batch_size: int, accumulate: int, steps: int = 2) -> list[dict[str, torch.Tensor]]:
+    L.seed_everything(0)
+    module = SFTLitModule(TINY_QWEN, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant")
+    data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=TINY_QWEN, batch_size=batch_size, max_length=64, seed=1)
+    recorder = GradientRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=False, callbacks=[recorder],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return recorder.steps
+
+
+def assert_same_gradients(steps, reference):
+    assert len(steps) == len(reference)
+    for step, expected in zip(steps, reference):
+        for name, grad in expected.items():
+            # float32 summation order differs between the runs (and Adam amplifies it in later steps): the
+            # tolerance is relative to the tensor scale, far below the ~10% a wrong normalisation gives
+            scale = grad.abs().max().item()
+            torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch):
+    reference = train_gradients(batch_size=8, accumulate=1)
+    assert_same_gradients(train_gradients(batch_size=2, accumulate=4), reference)
+    # The test can fail: a mean of micro-batch means (the usual mistake) gives another update, because the
+    # micro-batches hold different numbers of supervised tokens.
+    import sft_lightning.module as module_py
+
+    def mean_of_means(nll_sum, step_tokens, accumulate, world):
+        return nll_sum / nll_sum.new_tensor(module_py._last_count)
+
+    original = module_py.token_stats
+
+    def remember_count(logits, labels):
+        stats = original(logits, labels)
+        module_py._last_count = stats.supervised_tokens.item()
+        return stats
+
+    monkeypatch.setattr(module_py, "token_stats", remember_count)
+    monkeypatch.setattr(module_py, "micro_batch_loss", mean_of_means)
+    with pytest.raises(AssertionError):
+        assert_same_gradients(train_gradients(batch_size=2, accumulate=4), reference)

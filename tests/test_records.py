@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from sft_lightning.records import DataError, read_records
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def write(tmp_path, text: str, name: str = "data.jsonl"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_reads_jsonl_and_json_array(tmp_path):
+    assert read_records(write(tmp_path, json.dumps(GOOD) + "\n\n" + json.dumps(GOOD)))[1].messages == GOOD["messages"]
+    records = read_records(write(tmp_path, json.dumps([GOOD, GOOD]), "data.json"))
+    assert [r.location.rsplit(": ", 1)[1] for r in records] == ["record 1", "record 2"]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": [{"role": "bot", "content": "x"}]}, "line 2: message 1: unknown role 'bot'"),
+        ({"messages": [{"role": "user"}]}, "line 2: message 1: content is missing"),
+        ({"messages": [{"role": "user", "content": 3}]}, "line 2: message 1: content is a int, not a string"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "line 2: no assistant turn"),
+        ({"messages": []}, "line 2: 'messages' must be a non-empty list"),
+        ({"text": "hi"}, "line 2: no 'messages' key (keys: text)"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "line 2: the conversation must start with a user turn"),
+        ({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}, "line 2: message 1: user content is empty"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "line 2: message 2: two user turns in a row"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, row, message):
+    path = write(tmp_path, json.dumps(GOOD) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value) == f"{path}: {message}" or str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_broken_json_empty_missing_and_undecodable(tmp_path):
+    with pytest.raises(DataError, match=r"data.jsonl: line 2: not valid JSON"):
+        read_records(write(tmp_path, json.dumps(GOOD) + "\n{oops\n"))
+    with pytest.raises(DataError, match="the file is empty"):
+        read_records(write(tmp_path, "\n"))
+    with pytest.raises(DataError, match="no such file"):
+        read_records(tmp_path / "missing.jsonl")
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match="line 2: not valid UTF-8"):
+        read_records(path)
+    with pytest.raises(DataError, match=r"record 2: expected an object"):
+        read_records(write(tmp_path, json.dumps([GOOD, 7]), "data.json"))
+
+
+def test_prediction_inputs_may_end_with_the_user(tmp_path):
+    row = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]}
+    assert len(read_records(write(tmp_path, json.dumps(row)), require_assistant=False)) == 1
