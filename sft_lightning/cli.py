@@ -6,19 +6,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
-from sft_lightning.module import ModelLoadError, SFTLitModule
-from sft_lightning.records import DataError
-from sft_lightning.render import TemplateError
+from sft_lightning.errors import USER_ERRORS, DataError
+from sft_lightning.module import SFTLitModule
 from sft_lightning.writers import JsonlPredictionWriter
-
-# Bad input the user can fix: reported as one line, without a traceback.
-USER_ERRORS = (DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
 class SFTLightningCLI(LightningCLI):
@@ -78,7 +74,9 @@ class SFTLightningCLI(LightningCLI):
 
 
 def export_main(args: list[str]) -> None:
-    CLI(export, args=args, prog="sft-lightning export")
+    parser = ArgumentParser(prog="sft-lightning export", description=export.__doc__.splitlines()[0])
+    parser.add_function_arguments(export)
+    export(**vars(parser.parse_args(args)))
 
 
 EXTRA_VERBS = {"export": export_main}

@@ -13,11 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from sft_lightning.collate import collate_prompts, collate_training
-from sft_lightning.records import DataError, read_records
+from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.records import read_records
 from sft_lightning.render import (
     IGNORE_INDEX,
     RenderedSample,
-    TemplateError,
     TrainOn,
     load_tokenizer,
     render_conversation,

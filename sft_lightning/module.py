@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
+from sft_lightning.errors import loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
 from sft_lightning.render import load_tokenizer
@@ -17,10 +18,6 @@ from sft_lightning.render import load_tokenizer
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Our names to transformers' scheduler names; "constant" still warms up.
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-class ModelLoadError(ValueError):
-    """The model or its tokenizer cannot be loaded; the message is one user-facing line."""
 
 
 def build_causal_lm(
@@ -32,7 +29,7 @@ def build_causal_lm(
 ):
     """Load ``path`` through ``from_pretrained`` (or only its config, when weights come from a checkpoint)."""
     dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    try:
+    with loading(path, "model"):
         if pretrained:
             return AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
@@ -42,8 +39,6 @@ def build_causal_lm(
             config, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
-    except OSError as err:
-        raise ModelLoadError(f"model {path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
 
 
 class SFTLitModule(LightningModule):

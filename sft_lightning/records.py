@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft_lightning.errors import DataError
+
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """Bad input data; the message is a complete, user-facing line."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Literal
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from sft_lightning.errors import TemplateError, loading
+
 IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "last", "all"]
 
@@ -30,10 +32,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
-
-
-class TemplateError(ValueError):
-    """The tokenizer's chat template cannot be rendered or masked reliably."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
     Cached so the data module and the model share one object (and one ChatML fallback) per process.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with loading(path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
         raise TemplateError(f"{path}: a fast tokenizer is needed to map template text to tokens exactly")
     if not tokenizer.chat_template:

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from sft_lightning.records import DataError, read_records
+from sft_lightning.errors import DataError
+from sft_lightning.records import read_records
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from sft_lightning.collate import collate_training
+from sft_lightning.errors import TemplateError
 from sft_lightning.render import (
     CHATML_TEMPLATE,
-    TemplateError,
     end_of_turn_token_id,
     load_tokenizer,
     render_conversation,

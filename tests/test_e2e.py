@@ -1,0 +1,102 @@
+"""fit -> validate -> predict -> export on the tiny config, checked against plain transformers."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from sft_lightning.cli import SFTLightningCLI, cli_main
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+VAL = str(ROOT / "data" / "chatml_val.json")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short tiny fit shared by the tests below."""
+    out = tmp_path_factory.mktemp("tiny")
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.default_root_dir={out}"]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        cli = SFTLightningCLI(args=["fit", *args, "--trainer.max_epochs=3"])
+    finally:
+        os.chdir(cwd)
+    log_dir = out / "lightning_logs" / "version_0"
+    return {"args": args, "cli": cli, "log_dir": log_dir, "out": out}
+
+
+def in_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def test_fit_logs_lower_loss_and_exports_hf_folder(run):
+    metrics = run["cli"].trainer.callback_metrics
+    assert metrics["val_loss"] < 2.0  # from ~6.5 (ln of the vocabulary) at initialisation
+    assert {"train_loss", "val_ppl", "val_acc", "lr", "train_supervised_tokens_per_s"} <= set(metrics)
+    hf = run["log_dir"] / "hf_model"
+    assert (hf / "model.safetensors").is_file() and not list(hf.glob("*.bin"))
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    eos = GenerationConfig.from_pretrained(hf).eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    assert (run["log_dir"] / "checkpoints" / "last.ckpt").is_file()
+    assert list(run["log_dir"].glob("events.out.tfevents.*"))
+
+
+def independent_val_loss(model_dir, path) -> float:
+    """Token-mean NLL of assistant content + end-of-turn, computed with plain transformers and prefix rendering."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    total, count = 0.0, 0
+    for row in json.load(open(path)):
+        messages = row["messages"]
+        ids = tokenizer.apply_chat_template(messages)["input_ids"]
+        labels = [-100] * len(ids)
+        for turn, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(tokenizer.apply_chat_template(messages[:turn], add_generation_prompt=True)["input_ids"])
+                end = ids.index(eot, start)
+                labels[start : end + 1] = ids[start : end + 1]
+        n = sum(label != -100 for label in labels)
+        with torch.no_grad():
+            loss = model(torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        total += loss.item() * n
+        count += n
+    return total / count
+
+
+def test_validate_matches_an_independent_computation(run, monkeypatch):
+    in_root(monkeypatch)
+    hf = run["log_dir"] / "hf_model"
+    cli = SFTLightningCLI(args=["validate", *run["args"], f"--model.model_name_or_path={hf}"])
+    reported = cli.trainer.callback_metrics["val_loss"].item()
+    expected = independent_val_loss(hf, VAL)
+    assert reported == pytest.approx(expected, rel=1e-4)
+    assert cli.trainer.callback_metrics["val_ppl"].item() == pytest.approx(math.exp(expected), rel=1e-4)
+
+
+def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkeypatch, tmp_path):
+    in_root(monkeypatch)
+    ckpt = run["log_dir"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "pred.jsonl"
+    cli_main(["predict", *run["args"], f"--ckpt_path={ckpt}", f"--data.predict_path={VAL}", f"--output_path={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    inputs = json.load(open(VAL))
+    assert [r["messages"] for r in rows] == [i["messages"] for i in inputs]  # input order, reference kept
+
+    export_dir = tmp_path / "hf"
+    cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    for row in rows[:12]:
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt")
+        generated = model.generate(**prompt, max_new_tokens=48, do_sample=False)
+        new_tokens = generated[0, prompt["input_ids"].shape[1] :]
+        assert new_tokens[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # it stops by itself
+        assert tokenizer.decode(new_tokens, skip_special_tokens=True) == row["prediction"]

@@ -1,0 +1,45 @@
+"""A tiny random model trained by `fit` learns a held-out synthetic task, answers exactly and stops."""
+
+import json
+import random
+
+import pytest
+
+from sft_lightning.cli import cli_main
+from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN
+
+pytestmark = pytest.mark.slow
+WORDS = "red blue green cat dog sun moon tree fish bird star rain snow wind fire stone gold king lamp book".split()
+
+
+def repeat_task(tmp_path):
+    """'Repeat: w1 w2 [w3]' -> 'w1 w2 [w3]'; the evaluated word sequences never occur in training."""
+    rng = random.Random(0)
+    sequences = set()
+    while len(sequences) < 1100:
+        sequences.add(tuple(rng.sample(WORDS, rng.choice([2, 3]))))
+    sequences = sorted(sequences)
+    rng.shuffle(sequences)
+
+    def write(name, chosen):
+        rows = [{"messages": [{"role": "user", "content": "Repeat: " + " ".join(s)},
+                              {"role": "assistant", "content": " ".join(s)}]} for s in chosen]
+        (tmp_path / name).write_text(json.dumps(rows))
+        return str(tmp_path / name)
+
+    return write("train.json", sequences[:1000]), write("held_out.json", sequences[1000:])
+
+
+@pytest.mark.parametrize("model", [TINY_QWEN, TINY_LLAMA], ids=["chatml-qwen2", "llama3-header-llama"])
+def test_fit_then_predict_answers_held_out_prompts_exactly(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    train, held_out = repeat_task(tmp_path)
+    common = ["--config", "configs/tiny.yaml", f"--model.model_name_or_path={model}",
+              f"--trainer.default_root_dir={tmp_path}", f"--data.val_path={held_out}"]
+    cli_main(["fit", *common, f"--data.train_path={train}", "--trainer.max_epochs=8", "--data.batch_size=16"])
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "predictions.jsonl"
+    cli_main(["predict", *common, f"--ckpt_path={ckpt}", f"--data.predict_path={held_out}", f"--output_path={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    exact = sum(r["prediction"] == r["messages"][-1]["content"] for r in rows) / len(rows)
+    assert exact >= 0.9, exact
