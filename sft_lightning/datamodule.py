@@ -23,7 +23,7 @@ from sft_lightning.render import (
     render_conversation,
     render_prompt,
 )
-from sft_lightning.sampling import MicroBatch, StepPlanSampler
+from sft_lightning.sampling import MicroBatch, StepPlan, StepPlanSampler
 
 
 @dataclass
@@ -182,8 +182,8 @@ class ChatMLDataModule(LightningDataModule):
     def _loader(self, name: str, training: bool) -> DataLoader:
         split = self.splits[name]
         trainer = self.trainer
-        sampler = StepPlanSampler(
-            [s.supervised_tokens for s in split.samples],
+        plan = StepPlan(
+            tuple(s.supervised_tokens for s in split.samples),
             batch_size=self.hparams.batch_size if training else self._eval_batch_size,
             accumulate_grad_batches=trainer.accumulate_grad_batches if training and trainer else 1,
             num_replicas=trainer.world_size if trainer else 1,
@@ -193,7 +193,7 @@ class ChatMLDataModule(LightningDataModule):
         )
         return DataLoader(
             MicroBatchDataset(split.samples, self.tokenizer.pad_token_id),
-            sampler=sampler,
+            sampler=StepPlanSampler(plan),
             batch_size=None,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

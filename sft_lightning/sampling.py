@@ -8,7 +8,8 @@ batch 2 x accumulation 4 and 2 ranks x batch 4 give the same update.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -26,74 +27,61 @@ class MicroBatch(NamedTuple):
     step_supervised_tokens: int
 
 
-def plan_epoch(
-    supervised_tokens: Sequence[int],
-    batch_size: int,
-    accumulate_grad_batches: int = 1,
-    num_replicas: int = 1,
-    rank: int = 0,
-    shuffle: bool = True,
-    seed: int = 0,
-    epoch: int = 0,
-    drop_last: bool = False,
-) -> list[MicroBatch]:
-    """This rank's micro-batches for one epoch, in order."""
-    n = len(supervised_tokens)
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=generator).tolist()
-    else:
-        order = list(range(n))
-    global_size = batch_size * num_replicas
-    global_batches = [order[i : i + global_size] for i in range(0, n, global_size)]
-    if drop_last and global_batches and len(global_batches[-1]) < global_size:
-        global_batches.pop()
-    plan = []
-    for step_start in range(0, len(global_batches), accumulate_grad_batches):
-        step = global_batches[step_start : step_start + accumulate_grad_batches]
-        step_tokens = sum(supervised_tokens[i] for batch in step for i in batch)
-        for batch in step:
-            if len(batch) == global_size:
-                part = batch[rank * batch_size : (rank + 1) * batch_size]
-            else:
-                part = np.array_split(np.asarray(batch), num_replicas)[rank].tolist()
-            plan.append(MicroBatch(tuple(part or batch[:1]), not part, step_tokens))
-    return plan
+@dataclass(frozen=True)
+class StepPlan:
+    """How one rank's micro-batches are drawn; :meth:`epoch` is pure, the same on every rank."""
+
+    supervised_tokens: tuple[int, ...]  # per sample
+    batch_size: int  # samples per micro-batch on each rank
+    accumulate_grad_batches: int = 1
+    num_replicas: int = 1
+    rank: int = 0
+    shuffle: bool = True
+    seed: int = 0
+    drop_last: bool = False
+
+    def epoch(self, epoch: int = 0) -> list[MicroBatch]:
+        """This rank's micro-batches for one epoch, in order."""
+        n = len(self.supervised_tokens)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        else:
+            order = list(range(n))
+        global_size = self.batch_size * self.num_replicas
+        global_batches = [order[i : i + global_size] for i in range(0, n, global_size)]
+        if self.drop_last and global_batches and len(global_batches[-1]) < global_size:
+            global_batches.pop()
+        plan = []
+        for start in range(0, len(global_batches), self.accumulate_grad_batches):
+            step = global_batches[start : start + self.accumulate_grad_batches]
+            step_tokens = sum(self.supervised_tokens[i] for batch in step for i in batch)
+            for batch in step:
+                if len(batch) == global_size:
+                    part = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                else:
+                    part = np.array_split(np.asarray(batch), self.num_replicas)[self.rank].tolist()
+                plan.append(MicroBatch(tuple(part or batch[:1]), not part, step_tokens))
+        return plan
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.supervised_tokens), self.batch_size * self.num_replicas)
+        return full + (rest > 0 and not self.drop_last)
 
 
 class StepPlanSampler(DistributedSampler):
     """Yields this rank's :class:`MicroBatch` items; use with ``DataLoader(batch_size=None)``.
 
     It subclasses ``DistributedSampler`` because it already shards across ranks (without the padding by
-    duplication that ``DistributedSampler`` does), and Lightning leaves such samplers in place.
+    duplication that ``DistributedSampler`` does), and Lightning leaves such samplers in place. Lightning calls
+    ``set_epoch`` on it, which reshuffles.
     """
 
-    def __init__(
-        self,
-        supervised_tokens: Sequence[int],
-        batch_size: int,
-        accumulate_grad_batches: int = 1,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(supervised_tokens, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.supervised_tokens = list(supervised_tokens)
-        self.batch_size = batch_size
-        self.accumulate_grad_batches = accumulate_grad_batches
-        self.drop_last_batch = drop_last
-
-    def plan(self) -> list[MicroBatch]:
-        return plan_epoch(
-            self.supervised_tokens, self.batch_size, self.accumulate_grad_batches, self.num_replicas,
-            self.rank, self.shuffle, self.seed, self.epoch, self.drop_last_batch,
-        )
+    def __init__(self, plan: StepPlan) -> None:
+        super().__init__(plan.supervised_tokens, plan.num_replicas, plan.rank, plan.shuffle, plan.seed)
+        self.plan = plan
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        return iter(self.plan())
+        return iter(self.plan.epoch(self.epoch))
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.supervised_tokens), self.batch_size * self.num_replicas)
-        return full + (rest > 0 and not self.drop_last_batch)
+        return len(self.plan)

@@ -2,13 +2,13 @@ from collections import Counter
 
 import pytest
 
-from sft_lightning.sampling import StepPlanSampler, plan_epoch
+from sft_lightning.sampling import StepPlan, StepPlanSampler
 
-TOKENS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]  # 11 samples: steps end with partial batches
+TOKENS = (3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5)  # 11 samples: steps end with partial batches
 
 
 def test_single_process_plan_covers_each_sample_once_with_step_totals():
-    plan = plan_epoch(TOKENS, batch_size=2, accumulate_grad_batches=2, shuffle=False)
+    plan = StepPlan(TOKENS, batch_size=2, accumulate_grad_batches=2, shuffle=False).epoch()
     assert [m.indices for m in plan] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10,)]
     assert [m.step_supervised_tokens for m in plan] == [9, 9, 22, 22, 13, 13]
     assert not any(m.ghost for m in plan)
@@ -16,7 +16,7 @@ def test_single_process_plan_covers_each_sample_once_with_step_totals():
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ranks_share_every_sample_exactly_once_and_run_equal_steps(world):
-    plans = [plan_epoch(TOKENS, 2, 2, world, rank, shuffle=True, seed=7, epoch=1) for rank in range(world)]
+    plans = [StepPlan(TOKENS, 2, 2, world, rank, shuffle=True, seed=7).epoch(1) for rank in range(world)]
     assert len({len(p) for p in plans}) == 1
     seen = Counter(i for p in plans for m in p if not m.ghost for i in m.indices)
     assert seen == Counter(range(len(TOKENS)))
@@ -25,22 +25,22 @@ def test_ranks_share_every_sample_exactly_once_and_run_equal_steps(world):
 
 
 def test_global_batches_match_single_process_order():
-    single = plan_epoch(TOKENS, batch_size=4, shuffle=True, seed=3)
-    ranks = [plan_epoch(TOKENS, 2, 1, 2, rank, shuffle=True, seed=3) for rank in range(2)]
+    single = StepPlan(TOKENS, batch_size=4, shuffle=True, seed=3).epoch()
+    ranks = [StepPlan(TOKENS, 2, 1, 2, rank, shuffle=True, seed=3).epoch() for rank in range(2)]
     for whole, first, second in zip(single, *ranks):
         assert whole.indices == first.indices + second.indices
         assert whole.step_supervised_tokens == first.step_supervised_tokens
 
 
 def test_ghost_when_a_rank_has_nothing_left():
-    plans = [plan_epoch([1, 1, 1], 2, 1, 4, rank, shuffle=False) for rank in range(4)]
+    plans = [StepPlan((1, 1, 1), 2, 1, 4, rank, shuffle=False).epoch() for rank in range(4)]
     assert [p[-1].ghost for p in plans] == [False, False, False, True]
 
 
 def test_sampler_len_and_epoch_reshuffle():
-    sampler = StepPlanSampler(TOKENS, batch_size=4, shuffle=True, seed=0)
+    sampler = StepPlanSampler(StepPlan(TOKENS, batch_size=4, shuffle=True, seed=0))
     assert len(sampler) == len(list(sampler)) == 3
     first = [m.indices for m in sampler]
     sampler.set_epoch(1)
     assert [m.indices for m in sampler] != first
-    assert len(StepPlanSampler(TOKENS, batch_size=4, drop_last=True)) == 2
+    assert len(StepPlanSampler(StepPlan(TOKENS, batch_size=4, drop_last=True))) == 2
