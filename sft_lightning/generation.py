@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sft_lightning.render import stop_token_ids
-
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -23,10 +21,15 @@ class GenerationSettings:
 
 @torch.inference_mode()
 def generate_replies(
-    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, settings: GenerationSettings
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    stops: list[int],
 ) -> list[str]:
-    """Replies to left-padded prompts, cut at the first stop token and decoded without special tokens."""
-    stops = stop_token_ids(tokenizer)
+    """Replies to left-padded prompts, cut at the first of ``stops`` (see ``render.stop_token_ids``) and
+    decoded without special tokens."""
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 from sft_lightning.errors import loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
-from sft_lightning.render import load_tokenizer
+from sft_lightning.render import load_tokenizer, stop_token_ids
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Our names to transformers' scheduler names; "constant" still warms up.
@@ -83,6 +83,7 @@ class SFTLitModule(LightningModule):
         self.save_hyperparameters()
         self.model = None
         self.tokenizer = None
+        self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
         self._step_loss = torch.zeros(())
@@ -98,6 +99,7 @@ class SFTLitModule(LightningModule):
             return
         h = self.hparams
         self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         model = build_causal_lm(
             h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained
         )
@@ -150,7 +152,8 @@ class SFTLitModule(LightningModule):
 
     def predict_step(self, batch, batch_idx):
         replies = generate_replies(
-            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation_settings
+            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation_settings,
+            self.stop_ids,
         )
         return [{"index": int(i), "prediction": reply} for i, reply in zip(batch["index"], replies)]
 

@@ -98,8 +98,9 @@ def render_conversation(
     else:
         labels = [IGNORE_INDEX] * len(input_ids)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        specials = _special_token_ids(tokenizer)
         for turn in turns[-1:] if train_on == "last" else turns:
-            first, last = _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets)
+            first, last = _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets, specials)
             labels[first : last + 1] = input_ids[first : last + 1]
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
@@ -107,7 +108,7 @@ def render_conversation(
     return RenderedSample(input_ids, labels, truncated)
 
 
-def _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets) -> tuple[int, int]:
+def _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets, specials) -> tuple[int, int]:
     """Indices of the first and last supervised token of assistant message ``turn``."""
     prompt = render_text(tokenizer, messages[:turn], add_generation_prompt=True)
     if prompt == render_text(tokenizer, messages[:turn], add_generation_prompt=False):
@@ -120,7 +121,6 @@ def _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets) -
     start = len(prompt)
     # A token straddling the prompt boundary carries content characters, so it is trained.
     first = next((t for t, (_, end) in enumerate(offsets) if end > start), None)
-    specials = _special_token_ids(tokenizer)
     last = next((t for t in range(first or 0, len(input_ids)) if input_ids[t] in specials), None)
     if first is None or last is None:
         raise TemplateError(f"the assistant message {turn + 1} is not closed by a special end-of-turn token")

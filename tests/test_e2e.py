@@ -19,20 +19,11 @@ def run(tmp_path_factory):
     """One short tiny fit shared by the tests below."""
     out = tmp_path_factory.mktemp("tiny")
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.default_root_dir={out}"]
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
         cli = SFTLightningCLI(args=["fit", *args, "--trainer.max_epochs=3"])
-    finally:
-        os.chdir(cwd)
     log_dir = out / "lightning_logs" / "version_0"
     return {"args": args, "cli": cli, "log_dir": log_dir, "out": out}
-
-
-def in_root(monkeypatch):
-    monkeypatch.chdir(ROOT)
 
 
 def test_fit_logs_lower_loss_and_exports_hf_folder(run):
@@ -72,7 +63,7 @@ def independent_val_loss(model_dir, path) -> float:
 
 
 def test_validate_matches_an_independent_computation(run, monkeypatch):
-    in_root(monkeypatch)
+    monkeypatch.chdir(ROOT)
     hf = run["log_dir"] / "hf_model"
     cli = SFTLightningCLI(args=["validate", *run["args"], f"--model.model_name_or_path={hf}"])
     reported = cli.trainer.callback_metrics["val_loss"].item()
@@ -82,7 +73,7 @@ def test_validate_matches_an_independent_computation(run, monkeypatch):
 
 
 def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkeypatch, tmp_path):
-    in_root(monkeypatch)
+    monkeypatch.chdir(ROOT)
     ckpt = run["log_dir"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "pred.jsonl"
     cli_main(["predict", *run["args"], f"--ckpt_path={ckpt}", f"--data.predict_path={VAL}", f"--output_path={out}"])
