@@ -56,10 +56,8 @@ class StepPlan:
             step = global_batches[start : start + self.accumulate_grad_batches]
             step_tokens = sum(self.supervised_tokens[i] for batch in step for i in batch)
             for batch in step:
-                if len(batch) == global_size:
-                    part = batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-                else:
-                    part = np.array_split(np.asarray(batch), self.num_replicas)[self.rank].tolist()
+                # Contiguous parts: rank r of a full batch gets batch[r * batch_size : (r + 1) * batch_size].
+                part = np.array_split(np.asarray(batch), self.num_replicas)[self.rank].tolist()
                 plan.append(MicroBatch(tuple(part or batch[:1]), not part, step_tokens))
         return plan
 

@@ -43,26 +43,35 @@ def test_token_metrics_are_a_token_mean_not_a_mean_of_batch_means():
 
 
 class GradientRecorder(L.Callback):
-    """Keeps the gradient each optimizer step is about to apply."""
+    """Rank 0 saves the gradient each optimizer step is about to apply (already all-reduced under DDP) to a
+    file, so that runs in spawned processes report back too."""
 
-    def __init__(self):
+    def __init__(self, path):
+        self.path = path
         self.steps = []
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         self.steps.append({n: p.grad.detach().clone() for n, p in module.model.named_parameters()})
 
+    def on_train_end(self, trainer, module):
+        if trainer.is_global_zero:
+            torch.save(self.steps, self.path)
 
-def train_gradients(batch_size: int, accumulate: int, steps: int = 2) -> list[dict[str, torch.Tensor]]:
+
+def train_gradients(
+    tmp_path, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto", steps: int = 2
+) -> list[dict[str, torch.Tensor]]:
     L.seed_everything(0)
     module = SFTLitModule(TINY_QWEN, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant")
     data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=TINY_QWEN, batch_size=batch_size, max_length=64, seed=1)
-    recorder = GradientRecorder()
+    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}.pt"
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=False, callbacks=[recorder],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
+        logger=False, callbacks=[GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, data)
-    return recorder.steps
+    return torch.load(path, weights_only=True)
 
 
 def assert_same_gradients(steps, reference):
@@ -75,9 +84,9 @@ def assert_same_gradients(steps, reference):
             torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
-def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch):
-    reference = train_gradients(batch_size=8, accumulate=1)
-    assert_same_gradients(train_gradients(batch_size=2, accumulate=4), reference)
+def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):
+    reference = train_gradients(tmp_path, batch_size=8)
+    assert_same_gradients(train_gradients(tmp_path, batch_size=2, accumulate=4), reference)
     # The test can fail: a mean of micro-batch means (the usual mistake) gives another update, because the
     # micro-batches hold different numbers of supervised tokens.
     import sft_lightning.module as module_py
@@ -95,4 +104,4 @@ def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch):
     monkeypatch.setattr(module_py, "token_stats", remember_count)
     monkeypatch.setattr(module_py, "micro_batch_loss", mean_of_means)
     with pytest.raises(AssertionError):
-        assert_same_gradients(train_gradients(batch_size=2, accumulate=4), reference)
+        assert_same_gradients(train_gradients(tmp_path, batch_size=2, accumulate=4), reference)
