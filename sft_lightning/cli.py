@@ -14,6 +14,7 @@ from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
 from sft_lightning.errors import USER_ERRORS, DataError
 from sft_lightning.module import SFTLitModule
+from sft_lightning.throughput import ThroughputLogger
 from sft_lightning.writers import JsonlPredictionWriter
 
 
@@ -45,6 +46,7 @@ class SFTLightningCLI(LightningCLI):
             # Only judge after a validation run, so a fit without val data is never stopped for lack of it.
             "early_stopping.check_on_train_epoch_end": False,
         })
+        parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")

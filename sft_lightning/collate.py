@@ -31,10 +31,10 @@ def pad_sequences(
 def collate_training(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for the loss."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for the loss (``sample_lengths`` for accounting)."""
     ids, attention_mask = pad_sequences(input_ids, pad_token_id)
     padded_labels, _ = pad_sequences(labels, IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": attention_mask, "labels": padded_labels}
+    return {"input_ids": ids, "attention_mask": attention_mask, "labels": padded_labels, "sample_lengths": attention_mask.sum(1)}
 
 
 def collate_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

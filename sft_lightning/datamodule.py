@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+import os
 from functools import partial
 from typing import Any, Optional
 
@@ -14,71 +13,33 @@ from torch.utils.data import DataLoader, Dataset
 
 from sft_lightning.collate import collate_prompts, collate_training
 from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
 from sft_lightning.records import read_records
-from sft_lightning.render import (
-    IGNORE_INDEX,
-    RenderedSample,
-    TrainOn,
-    load_tokenizer,
-    render_conversation,
-    render_prompt,
-)
+from sft_lightning.render import IGNORE_INDEX, TrainOn, load_tokenizer, render_prompt
 from sft_lightning.sampling import MicroBatch, StepPlan, StepPlanSampler
-
-
-@dataclass
-class TokenizedSplit:
-    """A split rendered and masked, with what happened on the way (for the setup summary)."""
-
-    path: str
-    samples: list[RenderedSample] = field(default_factory=list)
-    read: int = 0
-    truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    def summary(self, name: str) -> str:
-        supervised = sum(s.supervised_tokens for s in self.samples)
-        mean = sum(len(s.input_ids) for s in self.samples) / max(len(self.samples), 1)
-        why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items()) or "none"
-        return (
-            f"{name} ({self.path}): {self.read} conversations read, {sum(self.dropped.values())} dropped ({why}), "
-            f"{self.truncated} truncated, {len(self.samples)} kept, {supervised} supervised tokens, "
-            f"mean length {mean:.1f} tokens"
-        )
-
-
-def tokenize_split(path: str, tokenizer, max_length: int, train_on: TrainOn) -> TokenizedSplit:
-    split = TokenizedSplit(path)
-    for record in read_records(path):
-        split.read += 1
-        try:
-            sample = render_conversation(record.messages, tokenizer, train_on, max_length)
-        except TemplateError as err:
-            raise DataError(f"{record.location}: {err}") from None
-        split.truncated += sample.truncated
-        if sample.supervised_tokens == 0:
-            split.dropped["with no supervised token left after truncation"] += 1
-            continue
-        split.samples.append(sample)
-    if not split.samples:
-        raise DataError(f"{path}: no conversation has a supervised token within max_length={max_length}")
-    return split
+from sft_lightning.tokenized import TokenizedSplit, tokenize_split
 
 
 class MicroBatchDataset(Dataset):
-    """Indexed by :class:`MicroBatch`: returns the padded micro-batch, ready for the loss."""
+    """Indexed by :class:`MicroBatch`: returns the padded (or packed) micro-batch, ready for the loss."""
 
-    def __init__(self, samples: list[RenderedSample], pad_token_id: int) -> None:
-        self.samples = samples
+    def __init__(self, split: TokenizedSplit, pad_token_id: int, rows: Optional[list[list[int]]] = None) -> None:
+        self.split = split
         self.pad_token_id = pad_token_id
+        self.rows = rows  # packed: each unit is a row of sample indices
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.rows) if self.rows is not None else len(self.split)
 
     def __getitem__(self, micro: MicroBatch) -> dict[str, torch.Tensor]:
-        chosen = [self.samples[i] for i in micro.indices]
-        labels = [[IGNORE_INDEX] * len(s.labels) if micro.ghost else s.labels for s in chosen]
-        batch = collate_training([s.input_ids for s in chosen], labels, self.pad_token_id)
+        if self.rows is None:
+            chosen = [self.split.sample(i) for i in micro.indices]
+            batch = collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id)
+        else:
+            rows = [[self.split.sample(i) for i in self.rows[r]] for r in micro.indices]
+            batch = collate_packed(rows, self.pad_token_id)
+        if micro.ghost:
+            batch["labels"].fill_(IGNORE_INDEX)
         batch["step_supervised_tokens"] = torch.tensor(micro.step_supervised_tokens)
         return batch
 
@@ -128,10 +89,15 @@ class ChatMLDataModule(LightningDataModule):
         max_length: int = 2048,
         batch_size: int = 8,
         eval_batch_size: Optional[int] = None,
+        packing: bool = False,
+        group_by_length: bool = False,
+        max_tokens_per_batch: Optional[int] = None,
         num_workers: int = 0,
         train_on: TrainOn = "assistant",
         shuffle: bool = True,
         seed: int = 42,
+        cache_dir: Optional[str] = "~/.cache/sft-lightning",
+        preprocessing_workers: Optional[int] = None,
     ) -> None:
         """Chat conversations (JSON array or JSONL of ``{"messages": [...]}``) rendered with the model's template.
 
@@ -143,57 +109,126 @@ class ChatMLDataModule(LightningDataModule):
                 is taken as the reference and not shown to the model.
             tokenizer_path: tokenizer folder or hub name; linked from ``model.model_name_or_path`` by the CLI.
             trust_remote_code: allow the tokenizer's own Python code; linked from the model.
-            max_length: conversations longer than this many tokens keep their first ``max_length`` tokens.
-            batch_size: conversations per micro-batch on each device.
+            max_length: conversations longer than this many tokens keep their first ``max_length`` tokens; with
+                ``packing``, the length of a packed row.
+            batch_size: conversations per micro-batch on each device; with ``packing``, packed rows.
             eval_batch_size: micro-batch for validation, test and predict (default ``batch_size``).
+            packing: pack conversations into rows of ``max_length`` tokens (best-fit decreasing). Positions
+                restart at 0 for each conversation and attention never crosses one (block-diagonal mask, or
+                FlashAttention's variable-length kernel), so the loss equals the unpacked loss. Applies to
+                training, validation and test.
+            group_by_length: without packing, batch conversations of similar length (sorted within windows
+                of 50 batches, batches shuffled) to cut padding.
+            max_tokens_per_batch: without packing, fill each micro-batch up to this many tokens (count x
+                longest) instead of ``batch_size`` conversations; batches are cut once from the
+                length-sorted data and shuffled each epoch.
             num_workers: DataLoader worker processes.
             train_on: ``assistant``: every assistant turn (content and the end-of-turn token); ``last``: the
                 final assistant turn only; ``all``: every token of the conversation.
-            shuffle: shuffle the training conversations each epoch.
+            shuffle: shuffle the training conversations (or rows) each epoch.
             seed: seed of the shuffle (the order depends on seed and epoch only).
+            cache_dir: where tokenised splits are kept, keyed by the file's content, tokenizer, template,
+                ``max_length`` and ``train_on``, so a second run skips tokenisation (null: no cache).
+            preprocessing_workers: processes that tokenise in parallel (default: one per CPU for files of
+                5,000 conversations or more).
         """
         super().__init__()
         self.save_hyperparameters()
+        if packing and (group_by_length or max_tokens_per_batch):
+            raise DataError("data.packing already fills rows; group_by_length and max_tokens_per_batch are for unpacked batches")
         self.tokenizer = None
         self.splits: dict[str, TokenizedSplit] = {}
+        self._packed_rows: dict[str, list[list[int]]] = {}
         self.predict_dataset: Optional[PromptDataset] = None
+
+    def _split_names(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(required, optional) tokenised splits of a stage."""
+        required = {"fit": ("train",), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
+        return required, ("val",) if stage == "fit" else ()
+
+    def _tokenize(self, name: str) -> TokenizedSplit:
+        h = self.hparams
+        workers = h.preprocessing_workers
+        if workers is None and self.trainer is not None:
+            # Ranks on a node share its CPUs.
+            workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
+        return tokenize_split(self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers)
+
+    def prepare_data(self) -> None:
+        # One process per node tokenises into the cache; setup() on every rank then reads it from there.
+        if self.hparams.cache_dir is None or self.trainer is None:
+            return
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.trust_remote_code)
+        for name in sum(self._split_names(self.trainer.state.fn.value), ()):
+            if self.hparams[f"{name}_path"] is not None:
+                self._tokenize(name)
 
     def setup(self, stage: str) -> None:
         if self.hparams.tokenizer_path is None:
             raise DataError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
         self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.trust_remote_code)
-        required = {"fit": ("train",), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
-        optional = ("val",) if stage == "fit" else ()
+        required, optional = self._split_names(stage)
         for name in required + optional:
-            path = self.hparams[f"{name}_path"]
-            if path is None:
+            if self.hparams[f"{name}_path"] is None:
                 if name in required:
                     raise DataError(f"data.{name}_path is required for {stage}")
                 continue
             if name not in self.splits:
-                split = tokenize_split(path, self.tokenizer, self.hparams.max_length, self.hparams.train_on)
-                rank_zero_info(split.summary(name))
-                self.splits[name] = split
+                self.splits[name] = self._tokenize(name)
+                rank_zero_info(self.splits[name].summary(name))
+                rank_zero_info(self._batching_summary(name))
         if stage == "predict":
             if self.hparams.predict_path is None:
                 raise DataError("data.predict_path is required for predict")
             self.predict_dataset = PromptDataset(self.hparams.predict_path, self.tokenizer)
 
-    def _loader(self, name: str, training: bool) -> DataLoader:
-        split = self.splits[name]
-        trainer = self.trainer
-        plan = StepPlan(
-            tuple(s.supervised_tokens for s in split.samples),
-            batch_size=self.hparams.batch_size if training else self._eval_batch_size,
-            accumulate_grad_batches=trainer.accumulate_grad_batches if training and trainer else 1,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=training and self.hparams.shuffle,
-            seed=self.hparams.seed,
+    def _rows(self, name: str) -> list[list[int]]:
+        """Packed rows of a split, built once (deterministic, so every rank and a resumed run agree)."""
+        if name not in self._packed_rows:
+            self._packed_rows[name] = pack_best_fit_decreasing(self.splits[name].lengths, self.hparams.max_length)
+        return self._packed_rows[name]
+
+    def _plan(self, name: str, training: bool, single_process: bool = False, plain: bool = False) -> StepPlan:
+        """The micro-batch plan of a split; ``plain``: without packing or grouping, to compare against."""
+        h, split, trainer = self.hparams, self.splits[name], self.trainer
+        packed = h.packing and not plain
+        lengths, supervised = split.lengths, split.supervised_tokens
+        if packed:
+            rows = self._rows(name)
+            lengths = tuple(sum(lengths[i] for i in row) for row in rows)
+            supervised = tuple(sum(supervised[i] for i in row) for row in rows)
+        distributed = trainer is not None and not single_process
+        return StepPlan(
+            supervised,
+            batch_size=h.batch_size if training else self._eval_batch_size,
+            accumulate_grad_batches=trainer.accumulate_grad_batches if training and distributed else 1,
+            num_replicas=trainer.world_size if distributed else 1,
+            rank=trainer.global_rank if distributed else 0,
+            shuffle=training and h.shuffle,
+            seed=h.seed,
+            lengths=lengths,
+            group_by_length=h.group_by_length and not plain,
+            max_tokens=None if plain else h.max_tokens_per_batch,
         )
+
+    def _batching_summary(self, name: str) -> str:
+        """How much of each micro-batch is padding, as configured and as a plain padded batching would be."""
+        h, training = self.hparams, name == "train"
+        configured = _padding_fraction(self._plan(name, training, single_process=True))
+        if not (h.packing or h.group_by_length or h.max_tokens_per_batch):
+            return f"{name} batching: padding {configured:.1%} of the batch tokens"
+        plain = _padding_fraction(self._plan(name, training, single_process=True, plain=True))
+        how = (
+            f"packed {len(self.splits[name])} conversations into {len(self._rows(name))} rows of <= {h.max_length} tokens"
+            if h.packing else "grouped by length"
+        )
+        return f"{name} batching: {how}; padding {configured:.1%} of the batch tokens ({plain:.1%} without)"
+
+    def _loader(self, name: str, training: bool) -> DataLoader:
+        rows = self._rows(name) if self.hparams.packing else None
         return DataLoader(
-            MicroBatchDataset(split.samples, self.tokenizer.pad_token_id),
-            sampler=StepPlanSampler(plan),
+            MicroBatchDataset(self.splits[name], self.tokenizer.pad_token_id, rows),
+            sampler=StepPlanSampler(self._plan(name, training)),
             batch_size=None,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -219,3 +254,13 @@ class ChatMLDataModule(LightningDataModule):
             collate_fn=partial(_collate_prompt_batch, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
+
+
+def _padding_fraction(plan: StepPlan) -> float:
+    """Share of the micro-batch tensor slots that hold padding over one epoch."""
+    slots = tokens = 0
+    for micro in plan.epoch(0):
+        lengths = [plan.lengths[i] for i in micro.indices]
+        slots += len(lengths) * max(lengths)
+        tokens += sum(lengths)
+    return 1 - tokens / slots

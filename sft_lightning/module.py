@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
+from sft_lightning.attention import SDPA_VARLEN, packed_model_inputs
 from sft_lightning.errors import loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
+from sft_lightning.throughput import matmul_parameters
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Our names to transformers' scheduler names; "constant" still warms up.
@@ -47,7 +48,7 @@ class SFTLitModule(LightningModule):
         model_name_or_path: str,
         torch_dtype: DType = "float32",
         trust_remote_code: bool = False,
-        attn_implementation: Optional[str] = "sdpa",
+        attn_implementation: Optional[str] = SDPA_VARLEN,
         gradient_checkpointing: bool = False,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.0,
@@ -67,7 +68,9 @@ class SFTLitModule(LightningModule):
             torch_dtype: dtype the weights are loaded in; keep ``float32`` master weights with a
                 ``*-mixed`` trainer precision.
             trust_remote_code: allow the model's own Python code from its folder or the hub.
-            attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (None: transformers' default).
+            attn_implementation: ``sdpa_varlen`` (``sdpa`` that runs packed samples one by one instead of
+                through a dense block mask), ``sdpa``, ``eager`` or ``flash_attention_2`` (variable-length kernel
+                for packed rows); None: transformers' default.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
             learning_rate: peak AdamW learning rate.
             weight_decay: AdamW weight decay, not applied to biases and norm weights.
@@ -86,8 +89,8 @@ class SFTLitModule(LightningModule):
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
+        self.matmul_parameters = 0  # for the FLOPs in throughput logging
         self._step_loss = torch.zeros(())
-        self._step_started = None
 
     @property
     def generation_settings(self) -> GenerationSettings:
@@ -108,30 +111,30 @@ class SFTLitModule(LightningModule):
             model.resize_token_embeddings(len(self.tokenizer))
         if h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.matmul_parameters = matmul_parameters(model)
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
     def _token_stats(self, batch):
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return token_stats(logits, batch["labels"])
+        if "position_ids" in batch:
+            inputs, labels = packed_model_inputs(batch, self.model.config._attn_implementation)
+        else:
+            inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+        # use_cache=False is not an optimisation: with a cache, transformers skips the packed-sample mask.
+        logits = self.model(**inputs, use_cache=False).logits
+        return token_stats(logits, labels)
 
     def training_step(self, batch, batch_idx):
-        if self._step_started is None:
-            self._step_started = time.perf_counter()
         stats = self._token_stats(batch)
         step_tokens = batch["step_supervised_tokens"]
         self._step_loss = self._step_loss.to(stats.nll_sum.device) + stats.nll_sum.detach() / step_tokens
-        self._step_tokens = step_tokens
         return micro_batch_loss(stats.nll_sum, step_tokens, self.trainer.accumulate_grad_batches, self.trainer.world_size)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
-        elapsed = time.perf_counter() - self._step_started
         self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
-        self.log("train_supervised_tokens_per_s", self._step_tokens.float() / elapsed, rank_zero_only=True)
         self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
-        self._step_started = None
 
     def validation_step(self, batch, batch_idx):
         self.val_metrics.update(self._token_stats(batch))

@@ -8,13 +8,18 @@ batch 2 x accumulation 4 and 2 ranks x batch 4 give the same update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import cached_property
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
+
+# group_by_length sorts windows of this many global batches.
+LENGTH_GROUP_WINDOW = 50
 
 
 class MicroBatch(NamedTuple):
@@ -29,27 +34,28 @@ class MicroBatch(NamedTuple):
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How one rank's micro-batches are drawn; :meth:`epoch` is pure, the same on every rank."""
+    """How one rank's micro-batches are drawn; :meth:`epoch` is pure, the same on every rank.
 
-    supervised_tokens: tuple[int, ...]  # per sample
-    batch_size: int  # samples per micro-batch on each rank
+    A unit is what a micro-batch holds ``batch_size`` of: a conversation, or a packed row of them.
+    """
+
+    supervised_tokens: tuple[int, ...]  # per unit
+    batch_size: int  # units per micro-batch on each rank
     accumulate_grad_batches: int = 1
     num_replicas: int = 1
     rank: int = 0
     shuffle: bool = True
     seed: int = 0
     drop_last: bool = False
+    lengths: tuple[int, ...] = ()  # tokens per unit; needed to group by length
+    group_by_length: bool = False
+    max_tokens: Optional[int] = None  # padded tokens per micro-batch instead of a fixed ``batch_size``
 
     def epoch(self, epoch: int = 0) -> list[MicroBatch]:
         """This rank's micro-batches for one epoch, in order."""
-        n = len(self.supervised_tokens)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        else:
-            order = list(range(n))
-        global_size = self.batch_size * self.num_replicas
-        global_batches = [order[i : i + global_size] for i in range(0, n, global_size)]
-        if self.drop_last and global_batches and len(global_batches[-1]) < global_size:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        global_batches = self._global_batches(generator)
+        if self.drop_last and global_batches and len(global_batches[-1]) < self.batch_size * self.num_replicas:
             global_batches.pop()
         plan = []
         for start in range(0, len(global_batches), self.accumulate_grad_batches):
@@ -61,7 +67,48 @@ class StepPlan:
                 plan.append(MicroBatch(tuple(part or batch[:1]), not part, step_tokens))
         return plan
 
+    def _global_batches(self, generator: torch.Generator) -> list[list[int]]:
+        """Each micro-batch of all ranks together, in the order they run."""
+        n = len(self.supervised_tokens)
+        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+        size = self.batch_size * self.num_replicas
+        if self.max_tokens is not None:
+            batches = [list(batch) for batch in self._token_budget_batches]
+        elif self.group_by_length:
+            # Sort within windows of LENGTH_GROUP_WINDOW batches: neighbours have similar lengths, yet which
+            # conversations meet still changes from epoch to epoch.
+            window = size * LENGTH_GROUP_WINDOW
+            by_length = [
+                i for w in range(0, n, window) for i in sorted(order[w : w + window], key=lambda i: -self.lengths[i])
+            ]
+            batches = [by_length[i : i + size] for i in range(0, n, size)]
+        else:
+            return [order[i : i + size] for i in range(0, n, size)]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        # The longest batch first, so a batch that does not fit in memory fails at step 1, not hours in.
+        longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+        return [batches[longest]] + batches[:longest] + batches[longest + 1 :]
+
+    @cached_property
+    def _token_budget_batches(self) -> tuple[tuple[int, ...], ...]:
+        """Batches cut from all units sorted by length, each as large as ``max_tokens`` per rank allows.
+
+        Cut once, not per epoch (only their order changes), so every epoch has the same number of steps and
+        the learning-rate schedule knows its length.
+        """
+        batches, current = [], []
+        for i in sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], i)):
+            longest = self.lengths[current[0]] if current else self.lengths[i]
+            if current and math.ceil((len(current) + 1) / self.num_replicas) * longest > self.max_tokens:
+                batches.append(tuple(current))
+                current = []
+            current.append(i)
+        return tuple(batches + [tuple(current)] if current else batches)
+
     def __len__(self) -> int:
+        if self.max_tokens is not None:
+            return len(self._token_budget_batches)
         full, rest = divmod(len(self.supervised_tokens), self.batch_size * self.num_replicas)
         return full + (rest > 0 and not self.drop_last)
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sft_lightning.cli import SFTLightningCLI, cli_main
@@ -18,7 +19,8 @@ VAL = str(ROOT / "data" / "chatml_val.json")
 def run(tmp_path_factory):
     """One short tiny fit shared by the tests below."""
     out = tmp_path_factory.mktemp("tiny")
-    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.default_root_dir={out}"]
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.default_root_dir={out}",
+            f"--data.cache_dir={out / 'cache'}"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)
         cli = SFTLightningCLI(args=["fit", *args, "--trainer.max_epochs=3"])
@@ -29,14 +31,26 @@ def run(tmp_path_factory):
 def test_fit_logs_lower_loss_and_exports_hf_folder(run):
     metrics = run["cli"].trainer.callback_metrics
     assert metrics["val_loss"] < 2.0  # from ~6.5 (ln of the vocabulary) at initialisation
-    assert {"train_loss", "val_ppl", "val_acc", "lr", "train_supervised_tokens_per_s"} <= set(metrics)
+    assert {"train_loss", "val_ppl", "val_acc", "lr"} <= set(metrics)
     hf = run["log_dir"] / "hf_model"
     assert (hf / "model.safetensors").is_file() and not list(hf.glob("*.bin"))
     tokenizer = AutoTokenizer.from_pretrained(hf)
     eos = GenerationConfig.from_pretrained(hf).eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
     assert (run["log_dir"] / "checkpoints" / "last.ckpt").is_file()
-    assert list(run["log_dir"].glob("events.out.tfevents.*"))
+    scalars = logged_scalars(run["log_dir"])
+    throughput = ["tokens_per_s", "supervised_tokens_per_s", "samples_per_s", "padding_fraction"]
+    assert {f"throughput/{name}" for name in throughput} | {"memory/peak_gb", "train_loss"} <= set(scalars)
+    tokens, supervised = scalars["throughput/tokens_per_s"], scalars["throughput/supervised_tokens_per_s"]
+    assert all(0 < s < t for s, t in zip(supervised, tokens))
+    assert all(0 < p < 1 for p in scalars["throughput/padding_fraction"])
+
+
+def logged_scalars(log_dir) -> dict[str, list[float]]:
+    """Every scalar in the run's TensorBoard event files, by tag."""
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def independent_val_loss(model_dir, path) -> float:

@@ -1,0 +1,67 @@
+"""``sdpa_varlen``: PyTorch SDPA that runs each packed sample on its own, for machines without FlashAttention.
+
+transformers' own answer to packed rows under ``sdpa`` is a dense block-diagonal mask: every row pays for
+``max_length ** 2`` attention scores, most of them masked, and the mask itself is built every layer. Running
+the causal kernel once per sample costs ``sum(length ** 2)`` instead (measured 20% faster per step for 1024-token
+rows of ~200-token chats on a CPU). Anything that is not a packed training batch (padded evaluation, generation
+with a cache) goes to transformers' ``sdpa`` untouched, so this name is a drop-in for ``sdpa``.
+
+A packed batch reaches this function when :func:`packed_model_inputs` passes ``cu_seq_lens_q`` (the sample
+boundaries over the rows laid end to end) with an all-ones ``attention_mask``; the all-ones mask is what stops
+transformers from building the dense block mask, so it is only ever passed together with this attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+SDPA_VARLEN = "sdpa_varlen"
+
+
+def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    kwargs.pop("cu_seq_lens_k", None)
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None:
+        raise ValueError("sdpa_varlen got both sample boundaries and an attention mask")
+    window = kwargs.pop("sliding_window", None)
+    kwargs.pop("is_causal", None)
+    batch, heads, length, dim = query.shape
+    # (batch, heads, length, dim) -> (1, heads, batch * length, dim): the rows end to end, as ``bounds`` counts them.
+    ends = bounds.tolist()
+    flat = [t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value)]
+    outputs = []
+    for start, end in zip(ends[:-1], ends[1:]):
+        if window is not None and end - start > window:
+            raise ValueError(f"a packed sample of {end - start} tokens exceeds the sliding window {window}: use sdpa")
+        q, k, v = (t[:, :, start:end] for t in flat)
+        outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+    # Each output is (1, tokens, heads, dim); back to (batch, length, heads, dim).
+    return torch.cat(outputs, dim=1).reshape(batch, length, heads, dim), None
+
+
+def packed_model_inputs(
+    batch: dict[str, torch.Tensor], attn_implementation: str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs and labels of a packed batch for the attention in use, so that no sample attends to another.
+
+    FlashAttention finds the samples from ``position_ids`` only when everything is one row, so rows are laid
+    end to end (each row's padding is a pseudo-sample of its own, and every first label is masked, so the
+    shift inside the loss never crosses a boundary either). ``sdpa_varlen`` gets the boundaries; ``sdpa`` and
+    ``eager`` get no mask, from which transformers builds the block-diagonal one out of ``position_ids``.
+    """
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if "flash" in attn_implementation:
+        return {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}, batch["labels"].reshape(1, -1)
+    if attn_implementation == SDPA_VARLEN:
+        inputs["attention_mask"] = torch.ones_like(batch["input_ids"])
+        inputs["cu_seq_lens_q"] = batch["cu_seq_lens"]
+    return inputs, batch["labels"]
+
+
+AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)

@@ -1,0 +1,79 @@
+"""Pack tokenised samples into rows of at most ``capacity`` tokens without letting them see each other.
+
+Pure: no model and no Lightning. A packed row carries ``position_ids`` that restart at 0 for every sample and
+no ``attention_mask``: transformers then derives the sample boundaries from the position ids and builds a
+block-diagonal causal mask (sdpa, eager), or runs FlashAttention's variable-length kernel on rows laid end to
+end. The first label of every sample is masked, so no token is ever trained to predict the next sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sft_lightning.render import IGNORE_INDEX
+
+
+def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group sample indices into rows whose lengths sum to at most ``capacity``.
+
+    Longest sample first, each into the row with the least room that still fits it (best-fit decreasing; on
+    long-tailed chat data it fills rows to within a percent or two). Deterministic, so every rank and every
+    resumed run builds the same rows. Rows are returned in the order they were opened.
+    """
+    too_long = [i for i, length in enumerate(lengths) if length > capacity]
+    if too_long:
+        raise ValueError(f"sample {too_long[0]} has {lengths[too_long[0]]} tokens, more than a row of {capacity}")
+    rows: list[list[int]] = []
+    # rows_with_room[r]: the rows with exactly r free tokens. Scanning r upward from a sample's length finds the
+    # best fit; a scan that finds nothing opens a row, so failed scans cost about one capacity per row in all.
+    rows_with_room: list[list[int]] = [[] for _ in range(capacity + 1)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        room = next((r for r in range(length, capacity + 1) if rows_with_room[r]), None)
+        if room is None:
+            row, room = len(rows), capacity
+            rows.append([])
+        else:
+            row = rows_with_room[room].pop()
+        rows[row].append(index)
+        rows_with_room[room - length].append(row)
+    return rows
+
+
+def collate_packed(
+    rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """``(input_ids, labels)`` samples grouped in rows to ``input_ids``, ``position_ids``, ``labels`` tensors.
+
+    Rows are right-padded to the longest row; the padding is a separate pseudo-sample (its positions restart
+    at 0 too) whose labels are ignored, so no real token attends to it. ``cu_seq_lens`` holds the boundaries of
+    every sample and padding over the rows laid end to end (for variable-length attention); ``sample_lengths``
+    lists every real sample's length, for throughput accounting.
+    """
+    longest = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    sample_lengths, bounds = [], [0]
+    for r, row in enumerate(rows):
+        start = 0
+        for ids, sample_labels in row:
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.as_tensor(ids, dtype=torch.long)
+            labels[r, start + 1 : end] = torch.as_tensor(sample_labels[1:], dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(len(ids))
+            sample_lengths.append(len(ids))
+            bounds.append(r * longest + end)
+            start = end
+        if start < longest:
+            position_ids[r, start:] = torch.arange(longest - start)
+            bounds.append((r + 1) * longest)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "labels": labels,
+        "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+        "sample_lengths": torch.tensor(sample_lengths),
+    }

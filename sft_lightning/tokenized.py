@@ -1,0 +1,218 @@
+"""Tokenised splits: every conversation rendered and masked once, kept as flat arrays, cached on disk.
+
+A split is three arrays (all samples' ``input_ids`` and ``labels`` end to end, and the offsets between them),
+so a million conversations cost a few bytes per token instead of Python lists, and the cache is a folder of
+``.npy`` files that later runs memory-map. The cache key covers everything the arrays depend on: the data
+file's bytes, the tokenizer (vocabulary, merges, special tokens, chat template), ``max_length``, ``train_on``
+and the source of the rendering code itself, so a stale cache can never be read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+from rich.progress import Progress
+
+from sft_lightning import records, render
+from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.records import Record, read_records
+from sft_lightning.render import IGNORE_INDEX, RenderedSample, TrainOn, render_conversation
+
+ARRAYS = ("input_ids", "labels", "offsets")
+# Below this many conversations worker start-up costs more than it saves.
+PARALLEL_THRESHOLD = 5000
+CHUNK = 500
+
+
+@dataclass
+class TokenizedSplit:
+    """A split's kept samples as flat arrays, with what happened on the way (for the setup summary)."""
+
+    path: str
+    input_ids: np.ndarray  # int32, every kept sample end to end
+    labels: np.ndarray  # int32, IGNORE_INDEX where not trained
+    offsets: np.ndarray  # int64, len(samples) + 1: sample i is [offsets[i], offsets[i + 1])
+    read: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        # Copies: the arrays may be read-only memory maps, which torch refuses to wrap.
+        span = slice(self.offsets[index], self.offsets[index + 1])
+        return self.input_ids[span].astype(np.int64), self.labels[span].astype(np.int64)
+
+    def samples(self) -> list[RenderedSample]:
+        return [RenderedSample(ids.tolist(), labels.tolist()) for ids, labels in map(self.sample, range(len(self)))]
+
+    @cached_property
+    def lengths(self) -> tuple[int, ...]:
+        return tuple(np.diff(self.offsets).tolist())
+
+    @cached_property
+    def supervised_tokens(self) -> tuple[int, ...]:
+        """Per sample; its first label never counts, as nothing precedes it to predict it."""
+        supervised = np.cumsum(np.concatenate([[0], self.labels != IGNORE_INDEX]))
+        return tuple((supervised[self.offsets[1:]] - supervised[self.offsets[:-1] + 1]).tolist())
+
+    def summary(self, name: str) -> str:
+        why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items()) or "none"
+        return (
+            f"{name} ({self.path}{', cached' if self.from_cache else ''}): {self.read} conversations read, "
+            f"{sum(self.dropped.values())} dropped ({why}), {self.truncated} truncated, {len(self)} kept, "
+            f"{sum(self.supervised_tokens)} supervised tokens, mean length {len(self.input_ids) / max(len(self), 1):.1f} tokens"
+        )
+
+    def save(self, folder: Path) -> None:
+        for name in ARRAYS:
+            np.save(folder / f"{name}.npy", getattr(self, name))
+        meta = {"path": self.path, "read": self.read, "truncated": self.truncated, "dropped": self.dropped}
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, folder: Path) -> "TokenizedSplit":
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        return cls(**arrays, **json.loads((folder / "meta.json").read_text()), from_cache=True)
+
+
+def tokenize_split(
+    path: str,
+    tokenizer,
+    max_length: int,
+    train_on: TrainOn,
+    cache_dir: Optional[str] = None,
+    workers: Optional[int] = None,
+) -> TokenizedSplit:
+    """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
+
+    ``workers``: processes that render in parallel (None: one per CPU for files of at least
+    ``PARALLEL_THRESHOLD`` conversations, else none).
+    """
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, max_length, train_on)
+        if (folder / "meta.json").exists():
+            split = TokenizedSplit.load(folder)
+            split.path = path
+            return split
+    split = _tokenize(path, tokenizer, max_length, train_on, workers)
+    if folder is not None:
+        _save_atomically(split, folder)
+    return split
+
+
+def cache_key(path: str, tokenizer, max_length: int, train_on: TrainOn) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file: {err.strerror or err}") from None
+    for part in (
+        tokenizer.backend_tokenizer.to_str(),
+        tokenizer.chat_template,
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        str(max_length),
+        train_on,
+        *(inspect.getsource(module) for module in (records, render, sys.modules[__name__])),
+    ):
+        digest.update(str(part).encode())
+    return digest.hexdigest()[:24]
+
+
+def _tokenize(path: str, tokenizer, max_length: int, train_on: TrainOn, workers: Optional[int]) -> TokenizedSplit:
+    conversations = read_records(path)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_THRESHOLD else 0
+    chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
+    rendered: list[RenderedChunk] = []
+    with Progress(transient=True, disable=len(chunks) < 4) as progress:
+        task = progress.add_task(f"tokenizing {path}", total=len(conversations))
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # fork after the tokenizer's threads ran can deadlock
+            with context.Pool(workers, _set_worker_tokenizer, (tokenizer, max_length, train_on)) as pool:
+                for chunk in pool.imap(_render_chunk, chunks):
+                    rendered.append(chunk)
+                    progress.advance(task, chunk.read)
+        else:
+            _set_worker_tokenizer(tokenizer, max_length, train_on)
+            rendered = [_render_chunk(chunk) for chunk in chunks]
+    lengths = np.concatenate([chunk.lengths for chunk in rendered])
+    if not len(lengths):
+        raise DataError(f"{path}: no conversation has a supervised token within max_length={max_length}")
+    dropped = sum(chunk.dropped for chunk in rendered)
+    return TokenizedSplit(
+        path,
+        input_ids=np.concatenate([chunk.input_ids for chunk in rendered]),
+        labels=np.concatenate([chunk.labels for chunk in rendered]),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        read=len(conversations),
+        truncated=sum(chunk.truncated for chunk in rendered),
+        dropped={"with no supervised token left after truncation": dropped} if dropped else {},
+    )
+
+
+class RenderedChunk(NamedTuple):
+    """Up to ``CHUNK`` conversations rendered in one worker; arrays, so they cross processes cheaply."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+    read: int
+    truncated: int
+    dropped: int
+
+
+_worker: dict = {}
+
+
+def _set_worker_tokenizer(tokenizer, max_length: int, train_on: TrainOn) -> None:
+    _worker.update(tokenizer=tokenizer, max_length=max_length, train_on=train_on)
+
+
+def _render_chunk(chunk: list[Record]) -> RenderedChunk:
+    kept, truncated = [], 0
+    for record in chunk:
+        try:
+            sample = render_conversation(record.messages, _worker["tokenizer"], _worker["train_on"], _worker["max_length"])
+        except TemplateError as err:
+            raise DataError(f"{record.location}: {err}") from None
+        truncated += sample.truncated
+        if sample.supervised_tokens:
+            kept.append(sample)
+    return RenderedChunk(
+        np.array([t for s in kept for t in s.input_ids], np.int32),
+        np.array([t for s in kept for t in s.labels], np.int32),
+        np.array([len(s.input_ids) for s in kept], np.int64),
+        len(chunk), truncated, len(chunk) - len(kept),
+    )
+
+
+def _save_atomically(split: TokenizedSplit, folder: Path) -> None:
+    """Write beside ``folder`` and rename, so a killed run or a concurrent rank never leaves half a cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        split.save(staging)
+        os.rename(staging, folder)
+    except OSError:
+        if not (folder / "meta.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
