@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sft_lightning.packing import collate_packed
+
 SDPA_VARLEN = "sdpa_varlen"
 
 
@@ -61,6 +63,25 @@ def packed_model_inputs(
         inputs["attention_mask"] = torch.ones_like(batch["input_ids"])
         inputs["cu_seq_lens_q"] = batch["cu_seq_lens"]
     return inputs, batch["labels"]
+
+
+def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], attn_implementation: str) -> float:
+    """Largest difference between the logits of ``samples`` packed into one row and of each sample run alone.
+
+    Zero up to rounding when the attention keeps samples apart; the model is the caller's, this module only
+    calls it. Used by the tests and by the check that runs before a packed fit.
+    """
+    device = next(model.parameters()).device
+    batch = {name: tensor.to(device) for name, tensor in collate_packed([samples], pad_token_id=0).items()}
+    inputs, _ = packed_model_inputs(batch, attn_implementation)
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
+        worst, start = 0.0, 0
+        for ids, _ in samples:
+            alone = model(input_ids=torch.as_tensor([list(ids)], device=device), use_cache=False).logits[0]
+            worst = max(worst, (packed[start : start + len(ids)] - alone).abs().max().item())
+            start += len(ids)
+    return worst
 
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)

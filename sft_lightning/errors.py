@@ -19,7 +19,11 @@ class ModelLoadError(ValueError):
     """A model or tokenizer cannot be loaded."""
 
 
-USER_ERRORS = (DataError, TemplateError, ModelLoadError, FileNotFoundError)
+class PackingError(ValueError):
+    """Packed samples would attend to each other with the configured attention."""
+
+
+USER_ERRORS = (PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
 @contextmanager

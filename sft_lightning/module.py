@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
-from sft_lightning.attention import SDPA_VARLEN, packed_model_inputs
-from sft_lightning.errors import loading
+from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
+from sft_lightning.errors import PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
@@ -59,6 +59,7 @@ class SFTLitModule(LightningModule):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        packing_check: bool = True,
     ) -> None:
         """A causal LM from a local Hugging Face folder or a hub name, fine-tuned on supervised tokens only.
 
@@ -81,6 +82,8 @@ class SFTLitModule(LightningModule):
             do_sample: predict: sample instead of greedy decoding.
             temperature: predict: sampling temperature.
             top_p: predict: nucleus sampling mass.
+            packing_check: before a packed fit, run a few training samples packed and alone and refuse to start
+                if their logits differ (an attention backend that lets packed samples see each other).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +93,7 @@ class SFTLitModule(LightningModule):
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
         self.matmul_parameters = 0  # for the FLOPs in throughput logging
+        self._packing_checked = False
         self._step_loss = torch.zeros(())
 
     @property
@@ -114,6 +118,37 @@ class SFTLitModule(LightningModule):
         self.matmul_parameters = matmul_parameters(model)
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
+
+    def on_fit_start(self) -> None:
+        self._check_packing()
+
+    def on_validation_start(self) -> None:
+        self._check_packing()
+
+    def on_test_start(self) -> None:
+        self._check_packing()
+
+    def _check_packing(self) -> None:
+        """Once per run, before the first packed batch: refuse an attention that lets packed samples mix."""
+        data = self.trainer.datamodule
+        if self._packing_checked or not self.hparams.packing_check or data is None or not data.hparams.get("packing"):
+            return
+        self._packing_checked = True
+        split = next(iter(data.splits.values()))
+        samples = [split.sample(i) for i in range(min(4, len(split)))]
+        attn = self.model.config._attn_implementation
+        was_training = self.model.training
+        self.model.eval()  # no dropout, so any difference is the attention's
+        with self.trainer.precision_plugin.forward_context():
+            mismatch = packed_logit_mismatch(self.model, samples, attn)
+        self.model.train(was_training)
+        # Samples that see each other move logits by ~0.1-1; rounding in half precision stays well below 0.05.
+        tolerance = 1e-4 if str(self.trainer.precision) in ("32-true", "32", "64-true") else 5e-2
+        if mismatch > tolerance:
+            raise PackingError(
+                f"packed samples attend to each other with attn_implementation={attn} (logits differ by {mismatch:.3g} "
+                f"from unpacked): use sdpa_varlen, sdpa or flash_attention_2, or set data.packing false"
+            )
 
     def _token_stats(self, batch):
         if "position_ids" in batch:

@@ -77,3 +77,4 @@ def collate_packed(
         "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
         "sample_lengths": torch.tensor(sample_lengths),
     }
+

@@ -84,6 +84,9 @@ def test_validate_matches_an_independent_computation(run, monkeypatch):
     expected = independent_val_loss(hf, VAL)
     assert reported == pytest.approx(expected, rel=1e-4)
     assert cli.trainer.callback_metrics["val_ppl"].item() == pytest.approx(math.exp(expected), rel=1e-4)
+    packed = SFTLightningCLI(args=["validate", *run["args"], f"--model.model_name_or_path={hf}", "--data.packing=true",
+                                   "--data.eval_batch_size=2"])
+    assert packed.trainer.callback_metrics["val_loss"].item() == pytest.approx(reported, rel=1e-5)
 
 
 def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkeypatch, tmp_path):

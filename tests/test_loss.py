@@ -59,12 +59,14 @@ class GradientRecorder(L.Callback):
 
 
 def train_gradients(
-    tmp_path, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto", steps: int = 2
+    tmp_path, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto", steps: int = 2,
+    **data_args,
 ) -> list[dict[str, torch.Tensor]]:
     L.seed_everything(0)
     module = SFTLitModule(TINY_QWEN, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant")
-    data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=TINY_QWEN, batch_size=batch_size, max_length=64, seed=1)
-    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}.pt"
+    data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=TINY_QWEN, batch_size=batch_size, max_length=64, seed=1,
+                            cache_dir=None, **data_args)
+    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{sorted(data_args.items())}.pt"
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
         logger=False, callbacks=[GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,
@@ -105,3 +107,12 @@ def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):
     monkeypatch.setattr(module_py, "micro_batch_loss", mean_of_means)
     with pytest.raises(AssertionError):
         assert_same_gradients(train_gradients(tmp_path, batch_size=2, accumulate=4), reference)
+
+
+def test_packed_step_applies_the_same_gradient_as_unpacked(tmp_path):
+    # One optimizer step over every training conversation, padded one per row or packed several per row.
+    reference = train_gradients(tmp_path, batch_size=400, steps=1)
+    assert_same_gradients(train_gradients(tmp_path, batch_size=400, steps=1, packing=True), reference)
+    # and packed rows split over accumulation steps still give one token mean per step
+    two_steps = train_gradients(tmp_path, batch_size=40, steps=2, packing=True)
+    assert_same_gradients(train_gradients(tmp_path, batch_size=20, accumulate=2, steps=2, packing=True), two_steps)

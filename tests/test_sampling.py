@@ -44,3 +44,35 @@ def test_sampler_len_and_epoch_reshuffle():
     sampler.set_epoch(1)
     assert [m.indices for m in sampler] != first
     assert len(StepPlanSampler(StepPlan(TOKENS, batch_size=4, drop_last=True))) == 2
+
+
+LENGTHS = tuple((i * 53) % 97 + 3 for i in range(200))
+
+
+def padded_slots(plan, epoch=0):
+    return sum(len(m.indices) * max(plan.lengths[i] for i in m.indices) for m in plan.epoch(epoch))
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_sample_once():
+    plain = StepPlan(LENGTHS, batch_size=8, seed=1, lengths=LENGTHS)
+    grouped = StepPlan(LENGTHS, batch_size=8, seed=1, lengths=LENGTHS, group_by_length=True)
+    assert padded_slots(grouped) < 0.75 * padded_slots(plain)
+    for epoch in (0, 1):
+        micro = grouped.epoch(epoch)
+        assert sorted(i for m in micro for i in m.indices) == list(range(200)) and len(micro) == len(grouped)
+        assert max(LENGTHS[i] for i in micro[0].indices) == max(LENGTHS)  # the largest batch runs first
+    assert [m.indices for m in grouped.epoch(0)] != [m.indices for m in grouped.epoch(1)]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_token_budget_batches(world):
+    plans = [StepPlan(LENGTHS, 1, 2, world, rank, seed=4, lengths=LENGTHS, max_tokens=300) for rank in range(world)]
+    epochs = [[plan.epoch(e) for e in (0, 1)] for plan in plans]
+    for plan, per_epoch in zip(plans, epochs):
+        assert {len(micro) for micro in per_epoch} == {len(plan)}  # same step count every epoch
+        for micro in per_epoch[0]:
+            assert len(micro.indices) * max(LENGTHS[i] for i in micro.indices) <= 300
+    seen = Counter(i for per_epoch in epochs for m in per_epoch[0] if not m.ghost for i in m.indices)
+    assert seen == Counter(range(200))
+    for step in zip(*(per_epoch[1] for per_epoch in epochs)):
+        assert len({m.step_supervised_tokens for m in step}) == 1

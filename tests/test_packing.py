@@ -1,0 +1,103 @@
+"""Packing: exact rows and tensors, and packed samples computing exactly what they compute alone."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
+from sft_lightning.cli import cli_main
+from sft_lightning.loss import token_stats
+from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
+from sft_lightning.render import IGNORE_INDEX, load_tokenizer
+from sft_lightning.tokenized import tokenize_split
+from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN
+
+X = IGNORE_INDEX
+
+
+def test_best_fit_decreasing_rows():
+    assert pack_best_fit_decreasing([5, 3, 7, 2, 2, 1], capacity=8) == [[2, 5], [0, 1], [3, 4]]
+    lengths = [(i * 37) % 101 + 1 for i in range(500)]
+    rows = pack_best_fit_decreasing(lengths, capacity=128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert max(sum(lengths[i] for i in row) for row in rows) <= 128
+    assert len(rows) <= sum(lengths) / 128 * 1.05  # within 5% of a perfect fill
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens"):
+        pack_best_fit_decreasing([3, 9], capacity=8)
+
+
+def test_collate_packed_tensors():
+    # The second sample's first label is a real token on purpose: packing must mask it all the same.
+    rows = [[([5, 6, 7, 8], [X, 6, 7, 8]), ([9, 10, 11], [10, 10, 11])], [([12, 13], [X, 13])]]
+    batch = collate_packed(rows, pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11], [12, 13, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[X, 6, 7, 8, X, 10, 11], [X, 13, X, X, X, X, X]]
+    assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9, 14]  # rows end to end; row 2's padding is a segment
+    assert batch["sample_lengths"].tolist() == [4, 3, 2]
+    assert "attention_mask" not in batch
+
+
+def chat_samples(model_dir, count=6):
+    split = tokenize_split(str(ROOT / "data" / "chatml_data.json"), load_tokenizer(model_dir), 256, "assistant")
+    return [split.sample(i) for i in range(count)]
+
+
+@pytest.mark.parametrize("model_dir", [TINY_QWEN, TINY_LLAMA], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("attn", [SDPA_VARLEN, "sdpa", "eager"])
+def test_packed_logits_and_losses_equal_one_by_one(model_dir, attn):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn).eval()
+    samples = chat_samples(model_dir)
+    assert packed_logit_mismatch(model, samples, attn) < 1e-5
+    # Per-sample losses through the training loss path, two rows of three samples.
+    batch = collate_packed([samples[:3], samples[3:]], pad_token_id=0)
+    inputs, labels = packed_model_inputs(batch, attn)
+    rows = [samples[:3], samples[3:]]
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits
+        for row, row_samples in enumerate(rows):
+            start = 0
+            for ids, sample_labels in row_samples:
+                span = slice(start, start + len(ids))
+                packed = token_stats(logits[row : row + 1, span], labels[row : row + 1, span])
+                single = token_stats(model(input_ids=torch.as_tensor(ids)[None], use_cache=False).logits,
+                                     torch.as_tensor(sample_labels)[None])
+                assert packed.supervised_tokens == single.supervised_tokens > 0
+                torch.testing.assert_close(packed.nll_sum, single.nll_sum, atol=1e-5, rtol=1e-6)
+                start += len(ids)
+
+
+def test_the_check_catches_samples_that_see_each_other():
+    # A model on plain sdpa given the inputs prepared for sdpa_varlen: the all-ones mask with nothing honouring
+    # the sample boundaries is exactly the silent failure the check exists for.
+    model = AutoModelForCausalLM.from_pretrained(TINY_QWEN, attn_implementation="sdpa").eval()
+    assert packed_logit_mismatch(model, chat_samples(TINY_QWEN), SDPA_VARLEN) > 1e-2
+
+
+def test_transformers_default_cache_mixes_packed_samples():
+    # Why every packed forward passes use_cache=False: with a cache, transformers skips the packed-sample mask.
+    model = AutoModelForCausalLM.from_pretrained(TINY_QWEN, attn_implementation="sdpa").train()
+    (first, _), (second, _) = chat_samples(TINY_QWEN, 2)
+    ids = torch.tensor([list(first) + list(second)])
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    alone = model(input_ids=torch.tensor([list(second)]), use_cache=False).logits[0]
+    with torch.no_grad():
+        leaky = model(input_ids=ids, position_ids=positions).logits[0, len(first) :]
+        exact = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, len(first) :]
+    assert (leaky - alone).abs().max() > 1e-2
+    torch.testing.assert_close(exact, alone.detach(), atol=1e-5, rtol=0)
+
+
+def test_fit_refuses_to_pack_when_samples_mix(monkeypatch, tmp_path, capsys):
+    import sft_lightning.module as module_py
+
+    real = module_py.packed_logit_mismatch
+    # Simulate a backend that ignores the sample boundaries (as above), at the check the fit runs first.
+    monkeypatch.setattr(module_py, "packed_logit_mismatch", lambda model, samples, attn: real(model, samples, SDPA_VARLEN))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["fit", "--config", "configs/tiny.yaml", "--model.attn_implementation=sdpa", "--data.packing=true",
+                  f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={tmp_path / 'cache'}"])
+    assert exited.value.code == 2
+    assert "packed samples attend to each other with attn_implementation=sdpa" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
