@@ -33,7 +33,8 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> 
     window = kwargs.pop("sliding_window", None)
     kwargs.pop("is_causal", None)
     batch, heads, length, dim = query.shape
-    # (batch, heads, length, dim) -> (1, heads, batch * length, dim): the rows end to end, as ``bounds`` counts them.
+    # (batch, heads, length, dim) -> (1, heads, batch * length, dim): the rows end to end, as ``bounds`` counts them
+    # (packed_model_inputs already passes one row; any other caller may pass several).
     ends = bounds.tolist()
     flat = [t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value)]
     outputs = []
@@ -51,18 +52,21 @@ def packed_model_inputs(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs and labels of a packed batch for the attention in use, so that no sample attends to another.
 
-    FlashAttention finds the samples from ``position_ids`` only when everything is one row, so rows are laid
-    end to end (each row's padding is a pseudo-sample of its own, and every first label is masked, so the
-    shift inside the loss never crosses a boundary either). ``sdpa_varlen`` gets the boundaries; ``sdpa`` and
-    ``eager`` get no mask, from which transformers builds the block-diagonal one out of ``position_ids``.
+    The variable-length attentions take the rows laid end to end as one (each row's padding is a pseudo-sample
+    of its own, and every first label is masked, so the shift inside the loss never crosses a boundary either):
+    FlashAttention finds the samples from ``position_ids`` only in a single row, and one row lets
+    ``logits_to_keep`` pick exactly the supervised positions. ``sdpa_varlen`` also gets the boundaries. ``sdpa``
+    and ``eager`` keep the rows and get no mask, from which transformers builds the block-diagonal one out of
+    ``position_ids``.
     """
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    if "flash" in attn_implementation:
-        return {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}, batch["labels"].reshape(1, -1)
+    if "flash" not in attn_implementation and attn_implementation != SDPA_VARLEN:
+        return inputs, batch["labels"]
+    inputs = {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}
     if attn_implementation == SDPA_VARLEN:
-        inputs["attention_mask"] = torch.ones_like(batch["input_ids"])
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         inputs["cu_seq_lens_q"] = batch["cu_seq_lens"]
-    return inputs, batch["labels"]
+    return inputs, batch["labels"].reshape(1, -1)
 
 
 def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], attn_implementation: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Literal, Optional
 
@@ -12,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
 from sft_lightning.errors import PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
-from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
+from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
 from sft_lightning.throughput import matmul_parameters
 
@@ -94,6 +95,7 @@ class SFTLitModule(LightningModule):
         self.test_metrics = TokenMetrics()
         self.matmul_parameters = 0  # for the FLOPs in throughput logging
         self._packing_checked = False
+        self._keeps_logits = False
         self._step_loss = torch.zeros(())
 
     @property
@@ -116,6 +118,8 @@ class SFTLitModule(LightningModule):
         if h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.matmul_parameters = matmul_parameters(model)
+        # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
@@ -155,9 +159,14 @@ class SFTLitModule(LightningModule):
             inputs, labels = packed_model_inputs(batch, self.model.config._attn_implementation)
         else:
             inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+        positions = predicting_positions(labels)
+        if self._keeps_logits:
+            inputs["logits_to_keep"] = positions
         # use_cache=False is not an optimisation: with a cache, transformers skips the packed-sample mask.
         logits = self.model(**inputs, use_cache=False).logits
-        return token_stats(logits, labels)
+        if not self._keeps_logits:
+            logits = logits[:, positions]
+        return token_stats(logits, labels[:, positions + 1])
 
     def training_step(self, batch, batch_idx):
         stats = self._token_stats(batch)

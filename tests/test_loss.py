@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sft_lightning.datamodule import ChatMLDataModule
-from sft_lightning.loss import TokenMetrics, micro_batch_loss, token_stats
+from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.module import SFTLitModule
 from tests.conftest import ROOT, TINY_QWEN
 
@@ -16,7 +16,10 @@ TRAIN = str(ROOT / "data" / "chatml_data.json")
 def test_token_stats_sum_and_count_supervised_positions_only():
     logits = torch.randn(2, 4, 5)
     labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, -100]])
-    stats = token_stats(logits, labels)
+    positions = predicting_positions(labels)
+    assert positions.tolist() == [0, 1]  # the logits the LM head computes: position 2 predicts nothing trained
+    stats = token_stats(logits[:, positions], labels[:, positions + 1])
+    assert token_stats(logits[:, :-1], labels[:, 1:]) == stats  # every position: the same numbers
     expected = sum(
         F.cross_entropy(logits[b, t - 1], labels[b, t], reduction="sum") for b, t in [(0, 1), (0, 2), (1, 2)]
     )
@@ -32,10 +35,10 @@ def test_micro_batch_loss_undoes_lightning_and_ddp_averaging():
 
 def test_token_metrics_are_a_token_mean_not_a_mean_of_batch_means():
     metric = TokenMetrics()
-    metric.update(token_stats(torch.zeros(1, 3, 4), torch.tensor([[-100, 1, 2]])))  # 2 tokens, nll ln 4 each
-    logits = torch.zeros(1, 2, 4)
+    metric.update(token_stats(torch.zeros(1, 2, 4), torch.tensor([[1, 2]])))  # 2 tokens, nll ln 4 each
+    logits = torch.zeros(1, 1, 4)
     logits[0, 0, 3] = 50.0
-    metric.update(token_stats(logits, torch.tensor([[-100, 3]])))  # 1 token, nll ~0, correct
+    metric.update(token_stats(logits, torch.tensor([[3]])))  # 1 token, nll ~0, correct
     values = metric.compute()
     assert values["loss"].item() == pytest.approx(2 * math.log(4) / 3, rel=1e-6)
     assert values["ppl"].item() == pytest.approx(math.exp(2 * math.log(4) / 3), rel=1e-6)

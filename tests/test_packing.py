@@ -50,18 +50,20 @@ def test_packed_logits_and_losses_equal_one_by_one(model_dir, attn):
     samples = chat_samples(model_dir)
     assert packed_logit_mismatch(model, samples, attn) < 1e-5
     # Per-sample losses through the training loss path, two rows of three samples.
-    batch = collate_packed([samples[:3], samples[3:]], pad_token_id=0)
-    inputs, labels = packed_model_inputs(batch, attn)
     rows = [samples[:3], samples[3:]]
+    batch = collate_packed(rows, pad_token_id=0)
+    inputs, labels = packed_model_inputs(batch, attn)
+    row_length = batch["input_ids"].shape[1]
     with torch.no_grad():
-        logits = model(**inputs, use_cache=False).logits
+        logits = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
+        labels = labels.reshape(-1)
         for row, row_samples in enumerate(rows):
-            start = 0
+            start = row * row_length
             for ids, sample_labels in row_samples:
-                span = slice(start, start + len(ids))
-                packed = token_stats(logits[row : row + 1, span], labels[row : row + 1, span])
-                single = token_stats(model(input_ids=torch.as_tensor(ids)[None], use_cache=False).logits,
-                                     torch.as_tensor(sample_labels)[None])
+                span = slice(start, start + len(ids) - 1)
+                packed = token_stats(logits[span], labels[start + 1 : start + len(ids)])
+                alone = model(input_ids=torch.as_tensor(ids)[None], use_cache=False).logits[0, :-1]
+                single = token_stats(alone, torch.as_tensor(sample_labels)[1:])
                 assert packed.supervised_tokens == single.supervised_tokens > 0
                 torch.testing.assert_close(packed.nll_sum, single.nll_sum, atol=1e-5, rtol=1e-6)
                 start += len(ids)
