@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from jsonargparse import ArgumentParser
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
 from sft_lightning.errors import USER_ERRORS, DataError
@@ -31,7 +33,7 @@ class SFTLightningCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val_loss",
             "checkpoint.mode": "min",
@@ -59,7 +61,32 @@ class SFTLightningCLI(LightningCLI):
                                 help="JSONL file for the predictions (input messages and the generated text)")
         return parser
 
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest checkpoint anywhere under ``trainer.default_root_dir``.
+
+        Lightning's own ``last`` looks only in the new run's version folder, which a restarted process has just
+        created empty, and silently starts over. No checkpoint at all (a first run under a requeueing scheduler)
+        starts a new run, with a line saying so.
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        root = self.trainer.default_root_dir
+        found = newest_checkpoint(root)
+        if found is None:
+            rank_zero_info(f"--ckpt_path last: no checkpoint under {root} yet; starting a new run")
+        else:
+            rank_zero_info(f"--ckpt_path last: resuming from {found}")
+        config["ckpt_path"] = None if found is None else str(found)
+
+    def _before_any(self) -> None:
+        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self._resolve_last_checkpoint()
+
+    before_fit = before_validate = before_test = _before_any
+
     def before_predict(self) -> None:
+        self._before_any()
         output_path = self.config.predict.output_path
         if output_path is None:
             raise DataError("predict needs --output_path FILE.jsonl")

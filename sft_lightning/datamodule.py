@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from sft_lightning.checkpointing import rng_states, set_rng_states
 from sft_lightning.collate import collate_prompts, collate_training
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
@@ -18,6 +20,10 @@ from sft_lightning.records import read_records
 from sft_lightning.render import IGNORE_INDEX, TrainOn, load_tokenizer, render_prompt
 from sft_lightning.sampling import MicroBatch, StepPlan, StepPlanSampler
 from sft_lightning.tokenized import TokenizedSplit, tokenize_split
+
+# Lightning warns on every mid-epoch resume unless the DataLoader object itself is stateful; this data module
+# restores the position through its own state_dict (see ChatMLDataModule.state_dict), so the warning is wrong here.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class MicroBatchDataset(Dataset):
@@ -139,6 +145,7 @@ class ChatMLDataModule(LightningDataModule):
         self.tokenizer = None
         self.splits: dict[str, TokenizedSplit] = {}
         self._packed_rows: dict[str, list[list[int]]] = {}
+        self._resume_at: Optional[tuple[int, int]] = None  # (epoch, micro-batches done) from a checkpoint
         self.predict_dataset: Optional[PromptDataset] = None
 
     def _split_names(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -224,11 +231,27 @@ class ChatMLDataModule(LightningDataModule):
         )
         return f"{name} batching: {how}; padding {configured:.1%} of the batch tokens ({plain:.1%} without)"
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in its data, saved in every checkpoint: the epoch, the micro-batches of it already
+        trained, and the RNG states. With the plan a pure function of (data, seed, epoch), that is all a resumed
+        run needs to continue exactly where this one stopped, neither replaying nor skipping a conversation."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "micro_batches_done": done, "rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores this before it builds the train loader, so the sampler is created already resumed.
+        if state_dict:
+            self._resume_at = (state_dict["epoch"], state_dict["micro_batches_done"])
+            set_rng_states(state_dict["rng"])
+
     def _loader(self, name: str, training: bool) -> DataLoader:
         rows = self._rows(name) if self.hparams.packing else None
         return DataLoader(
             MicroBatchDataset(self.splits[name], self.tokenizer.pad_token_id, rows),
-            sampler=StepPlanSampler(self._plan(name, training)),
+            sampler=StepPlanSampler(self._plan(name, training), self._resume_at if training else None),
             batch_size=None,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,

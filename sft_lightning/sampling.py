@@ -121,12 +121,25 @@ class StepPlanSampler(DistributedSampler):
     ``set_epoch`` on it, which reshuffles.
     """
 
-    def __init__(self, plan: StepPlan) -> None:
+    def __init__(self, plan: StepPlan, resume_at: Optional[tuple[int, int]] = None) -> None:
         super().__init__(plan.supervised_tokens, plan.num_replicas, plan.rank, plan.shuffle, plan.seed)
         self.plan = plan
+        # (epoch, micro-batches already trained): a resumed run continues that epoch where the checkpoint left it.
+        # Lightning draws the first iterator before it calls set_epoch, so the epoch is set here already.
+        self.resume_at = resume_at
+        if resume_at is not None:
+            self.epoch = resume_at[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.resume_at is not None and epoch != self.resume_at[0]:
+            self.resume_at = None
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        return iter(self.plan.epoch(self.epoch))
+        plan = self.plan.epoch(self.epoch)
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            plan = plan[self.resume_at[1] :]
+        return iter(plan)
 
     def __len__(self) -> int:
         return len(self.plan)

@@ -1,0 +1,84 @@
+"""Checkpoints that survive a kill: atomic writes, and ``--ckpt_path last`` that finds the newest one of a run."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write a checkpoint beside its path, flush it to disk, then rename it into place.
+
+    A process killed mid-write (SIGKILL, OOM, a lost node) leaves the previous ``last.ckpt`` intact and at most a
+    hidden ``.partial`` file, never a truncated checkpoint that a resume would choke on. Remote (``s3://`` ...)
+    paths keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that ``last.ckpt`` is also written every ``every_n_train_steps`` before
+    the monitored metric first exists.
+
+    Lightning defers every save, ``last`` included, until validation has produced ``val_loss``; in a long first
+    epoch that would leave nothing to resume from. Top-k selection by the metric is unchanged.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        every = self._every_n_train_steps
+        if not (self.save_last and every and trainer.global_step % every == 0) or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor not in candidates:
+            self._save_last_checkpoint(trainer, candidates)
+
+
+def newest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The most recently written ``*.ckpt`` under ``root`` (every version of the run), or None."""
+    found = [path for path in Path(root).expanduser().rglob("*.ckpt") if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

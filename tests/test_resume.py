@@ -1,0 +1,87 @@
+"""A run killed with SIGKILL between checkpoints and resumed with ``--ckpt_path last`` ends with the same weights
+as a run that was never interrupted; a kill during a checkpoint write leaves the previous checkpoint intact."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from sft_lightning.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+class KillAtStep(L.Callback):
+    """Test helper: SIGKILL this process right after optimizer step ``step`` (no chance to clean up)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit(root, *extra):
+    """``sft-lightning fit`` on the tiny config in a subprocess; returns the completed process."""
+    args = [
+        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/tiny.yaml",
+        f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}", "--trainer.max_epochs=2",
+        "--checkpoint.every_n_train_steps=6", "--trainer.enable_progress_bar=false", *extra,
+    ]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+
+
+def final_weights(root):
+    checkpoints = sorted(root.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+    return torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize(
+    "kill_at, data",
+    [
+        (9, []),  # mid-interval in epoch 0 (checkpoint at step 6)
+        (27, []),  # in epoch 1, after the epoch-end save at 20 and the step save at 24
+        (16, ["--data.packing=true", "--data.batch_size=4"]),  # packed rows, 11 steps an epoch
+    ],
+    ids=["epoch0", "epoch1", "packed"],
+)
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, kill_at, data):
+    reference = fit(tmp_path / "uninterrupted", *data)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = fit(tmp_path / "run", *data, "--trainer.callbacks+=tests.test_resume.KillAtStep",
+                 f"--trainer.callbacks.step={kill_at}")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = fit(tmp_path / "run", *data, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "--ckpt_path last: resuming from" in resumed.stdout + resumed.stderr
+    expected, actual = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "run")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path):
+    result = fit(tmp_path, "--ckpt_path=last", "--trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no checkpoint under" in result.stdout + result.stderr and newest_checkpoint(tmp_path) is not None
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def dies_halfway(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # stands in for the kill
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
