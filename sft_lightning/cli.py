@@ -16,6 +16,7 @@ from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
 from sft_lightning.errors import USER_ERRORS, DataError
 from sft_lightning.module import SFTLitModule
+from sft_lightning.preemption import Preempted, Preemption
 from sft_lightning.throughput import ThroughputLogger
 from sft_lightning.writers import JsonlPredictionWriter
 
@@ -49,6 +50,7 @@ class SFTLightningCLI(LightningCLI):
             "early_stopping.check_on_train_epoch_end": False,
         })
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
+        parser.add_lightning_class_args(Preemption, "preemption")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")
@@ -122,6 +124,10 @@ def cli_main(args: Optional[list[str]] = None) -> None:
     except USER_ERRORS as err:
         print(f"sft-lightning: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as preempted:
+        if preempted.is_global_zero:
+            print(f"sft-lightning: preempted: {preempted}", file=sys.stderr)
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,15 @@ class ModelLoadError(ValueError):
     """A model or tokenizer cannot be loaded."""
 
 
+class NonFiniteError(ArithmeticError):
+    """Too many optimizer steps in a row had a NaN or infinite loss or gradient."""
+
+
 class PackingError(ValueError):
     """Packed samples would attend to each other with the configured attention."""
 
 
-USER_ERRORS = (PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
+USER_ERRORS = (NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
 @contextmanager

@@ -11,7 +11,8 @@ from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
 from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
-from sft_lightning.errors import PackingError, loading
+from sft_lightning.checkpointing import newest_checkpoint
+from sft_lightning.errors import NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
@@ -61,6 +62,7 @@ class SFTLitModule(LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         packing_check: bool = True,
+        nonfinite_patience: int = 5,
     ) -> None:
         """A causal LM from a local Hugging Face folder or a hub name, fine-tuned on supervised tokens only.
 
@@ -85,6 +87,9 @@ class SFTLitModule(LightningModule):
             top_p: predict: nucleus sampling mass.
             packing_check: before a packed fit, run a few training samples packed and alone and refuse to start
                 if their logits differ (an attention backend that lets packed samples see each other).
+            nonfinite_patience: an optimizer step whose loss or gradient is NaN or infinite is skipped (weights and
+                optimizer state untouched) and counted in ``train_nonfinite_steps``; this many in a row stop the
+                run with an error that names the last checkpoint, which holds only finite weights.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -96,6 +101,8 @@ class SFTLitModule(LightningModule):
         self.matmul_parameters = 0  # for the FLOPs in throughput logging
         self._packing_checked = False
         self._keeps_logits = False
+        self._nonfinite_steps = 0  # skipped optimizer steps, in all
+        self._nonfinite_in_a_row = 0
         self._step_loss = torch.zeros(())
 
     @property
@@ -178,7 +185,41 @@ class SFTLitModule(LightningModule):
         # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
         self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+        if not self._step_is_finite(optimizer):
+            # No gradient, no update: AdamW leaves a parameter without .grad (and its moments) untouched.
+            optimizer.zero_grad(set_to_none=True)
+            self._nonfinite_steps += 1
+            self._nonfinite_in_a_row += 1
+            if self._nonfinite_in_a_row >= self.hparams.nonfinite_patience:
+                last = newest_checkpoint(self.trainer.default_root_dir)
+                raise NonFiniteError(
+                    f"{self._nonfinite_in_a_row} optimizer steps in a row (to step {self.trainer.global_step + 1}) had a "
+                    f"NaN or infinite loss or gradient; the last good checkpoint is {last or 'none (none was saved)'}; "
+                    "lower model.learning_rate or look for a broken batch"
+                )
+        else:
+            self._nonfinite_in_a_row = 0
+        self.log("train_nonfinite_steps", float(self._nonfinite_steps), rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["nonfinite_steps"] = self._nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+
+    def _step_is_finite(self, optimizer) -> bool:
+        """The same answer on every rank: the step loss and, unless a GradScaler already handles overflow, the
+        gradient norm are finite."""
+        finite = torch.isfinite(self._step_loss)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        flag = (~finite).float()
+        if self.trainer.world_size > 1:
+            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
+        return flag.item() == 0
 
     def validation_step(self, batch, batch_idx):
         self.val_metrics.update(self._token_stats(batch))

@@ -1,0 +1,46 @@
+"""SIGTERM / SIGUSR1: a checkpoint at the next optimizer-step boundary, exit 0, and an exact resume from it."""
+
+import signal
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.test_resume import fit, final_weights
+
+pytestmark = pytest.mark.slow
+
+
+class SignalAtBatch(L.Callback):
+    """Test helper: deliver ``signal_name`` to this process as micro-batch ``batch_idx`` of epoch 0 starts."""
+
+    def __init__(self, batch_idx: int, signal_name: str = "SIGTERM") -> None:
+        self.batch_idx, self.signal_name = batch_idx, signal_name
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch_idx:
+            signal.raise_signal(getattr(signal, self.signal_name))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, signal_name):
+    accumulate = ["--trainer.accumulate_grad_batches=2"]
+    reference = fit(tmp_path / "uninterrupted", *accumulate)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    # Micro-batch 8 is the first half of optimizer step 5: the save must wait for the step to finish.
+    preempted = fit(tmp_path / "run", *accumulate, "--trainer.callbacks+=tests.test_preemption.SignalAtBatch",
+                    "--trainer.callbacks.batch_idx=8", f"--trainer.callbacks.signal_name={signal_name}")
+    assert preempted.returncode == 0, preempted.stderr[-2000:]
+    line = preempted.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"sft-lightning: preempted: {signal_name} received: saved step 5 to ")
+    assert line.endswith("resume with the same command and --ckpt_path last")
+    saved = torch.load(line.split(" to ")[1].split(";")[0], map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 5 and saved["ChatMLDataModule"]["micro_batches_done"] == 10
+    assert not list((tmp_path / "run").rglob("hf_model"))  # an unfinished run is not exported
+
+    resumed = fit(tmp_path / "run", *accumulate, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, actual = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "run")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
