@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -10,15 +11,20 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import AutoConfig
 
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
-from sft_lightning.errors import USER_ERRORS, DataError
+from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
 from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preempted, Preemption
 from sft_lightning.throughput import ThroughputLogger
 from sft_lightning.writers import JsonlPredictionWriter
+
+
+# cli_main(args) is meant to be called from Python (tests, notebooks) while sys.argv holds the caller's own flags.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 
 class SFTLightningCLI(LightningCLI):
@@ -82,8 +88,22 @@ class SFTLightningCLI(LightningCLI):
         config["ckpt_path"] = None if found is None else str(found)
 
     def _before_any(self) -> None:
+        self._check_model_fits_data()
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self._resolve_last_checkpoint()
+
+    def _check_model_fits_data(self) -> None:
+        """Fail in a second, before any output exists, on a model that is missing or too short for the data."""
+        model = self.model.hparams
+        with loading(model.model_name_or_path, "model"):
+            config = AutoConfig.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
+        positions = getattr(config, "max_position_embeddings", None)
+        max_length = self.datamodule.hparams.max_length
+        if self.subcommand != "predict" and positions is not None and max_length > positions:
+            raise ConfigError(
+                f"data.max_length={max_length} is more than the {positions} positions of {model.model_name_or_path} "
+                "(max_position_embeddings): lower data.max_length"
+            )
 
     before_fit = before_validate = before_test = _before_any
 

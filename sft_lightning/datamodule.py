@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -104,6 +104,7 @@ class ChatMLDataModule(LightningDataModule):
         seed: int = 42,
         cache_dir: Optional[str] = "~/.cache/sft-lightning",
         preprocessing_workers: Optional[int] = None,
+        on_invalid: Literal["error", "skip"] = "error",
     ) -> None:
         """Chat conversations (JSON array or JSONL of ``{"messages": [...]}``) rendered with the model's template.
 
@@ -137,6 +138,9 @@ class ChatMLDataModule(LightningDataModule):
                 ``max_length`` and ``train_on``, so a second run skips tokenisation (null: no cache).
             preprocessing_workers: processes that tokenise in parallel (default: one per CPU for files of
                 5,000 conversations or more).
+            on_invalid: ``error``: the first invalid conversation (bad JSON line, role, content, order, or one
+                the chat template cannot render) stops the run with its file and line; ``skip``: invalid ones are
+                left out and counted by reason in the setup summary.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -159,7 +163,10 @@ class ChatMLDataModule(LightningDataModule):
         if workers is None and self.trainer is not None:
             # Ranks on a node share its CPUs.
             workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
-        return tokenize_split(self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers)
+        return tokenize_split(
+            self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
+            skip_invalid=h.on_invalid == "skip",
+        )
 
     def prepare_data(self) -> None:
         # One process per node tokenises into the cache; setup() on every rank then reads it from there.

@@ -27,7 +27,11 @@ class PackingError(ValueError):
     """Packed samples would attend to each other with the configured attention."""
 
 
-USER_ERRORS = (NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
+class ConfigError(ValueError):
+    """Settings that cannot work together (checked before anything is written)."""
+
+
+USER_ERRORS = (ConfigError, NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
 @contextmanager

@@ -7,9 +7,11 @@ or record (JSON array) and what is wrong, so a bad row costs the user seconds.
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from sft_lightning.errors import DataError
 
@@ -24,12 +26,14 @@ class Record:
     messages: list[dict[str, str]]
 
 
-def read_records(path: str | Path, require_assistant: bool = True) -> list[Record]:
+def read_records(path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None) -> list[Record]:
     """Read and validate every conversation in ``path``.
 
     Args:
         path: a JSON array of objects or a JSONL file, each object holding ``messages``.
         require_assistant: training data needs an assistant turn; prediction inputs may end with the user.
+        skipped: None: the first invalid conversation raises. A Counter: invalid conversations (and unparsable
+            JSONL lines) are left out and counted in it by reason. A file that cannot be read at all still raises.
     """
     path = Path(path)
     if not path.is_file():
@@ -41,16 +45,28 @@ def read_records(path: str | Path, require_assistant: bool = True) -> list[Recor
         raise DataError(f"{path}: line {line}: not valid UTF-8 ({err.reason})") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
-    records = [
-        Record(location, validate_messages(row, location, require_assistant))
-        for location, row in _parse_rows(path, text)
-    ]
+    records = []
+    for location, row in _parse_rows(path, text, skipped):
+        try:
+            records.append(Record(location, validate_messages(row, location, require_assistant)))
+        except DataError as err:
+            if skipped is None:
+                raise
+            skipped[skip_reason(err, location)] += 1
     if not records:
-        raise DataError(f"{path}: the file holds no conversation")
+        left_out = f" ({sum(skipped.values())} invalid ones skipped)" if skipped else ""
+        raise DataError(f"{path}: the file holds no conversation{left_out}")
     return records
 
 
-def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
+def skip_reason(err: Exception, location: str) -> str:
+    """What was wrong, without where or the offending value, so that like problems count together:
+    ``unknown role (expected ...)`` from ``f.jsonl: line 3: message 2: unknown role 'bot' (expected ...)``."""
+    reason = re.sub(r"^message \d+: ", "", str(err).removeprefix(f"{location}: "))
+    return re.sub(r" '[^']*'", "", reason)
+
+
+def _parse_rows(path: Path, text: str, skipped: Optional[Counter] = None) -> list[tuple[str, Any]]:
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -64,7 +80,9 @@ def _parse_rows(path: Path, text: str) -> list[tuple[str, Any]]:
         try:
             parsed.append((f"{path}: line {n}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if skipped is None:
+                raise DataError(f"{path}: line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
+            skipped["not valid JSON"] += 1
     return parsed
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -97,26 +98,39 @@ def tokenize_split(
     train_on: TrainOn,
     cache_dir: Optional[str] = None,
     workers: Optional[int] = None,
+    skip_invalid: bool = False,
 ) -> TokenizedSplit:
     """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
 
     ``workers``: processes that render in parallel (None: one per CPU for files of at least
-    ``PARALLEL_THRESHOLD`` conversations, else none).
+    ``PARALLEL_THRESHOLD`` conversations, else none). ``skip_invalid``: leave out conversations that fail
+    validation or rendering, counted by reason in ``dropped``, instead of stopping at the first.
     """
+    settings = RenderSettings(max_length, train_on, skip_invalid)
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, max_length, train_on)
+        folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, settings)
         if (folder / "meta.json").exists():
             split = TokenizedSplit.load(folder)
             split.path = path
             return split
-    split = _tokenize(path, tokenizer, max_length, train_on, workers)
+    split = _tokenize(path, tokenizer, settings, workers)
     if folder is not None:
         _save_atomically(split, folder)
     return split
 
 
-def cache_key(path: str, tokenizer, max_length: int, train_on: TrainOn) -> str:
+class RenderSettings(NamedTuple):
+    """What, besides the file and the tokenizer, decides a split's arrays."""
+
+    max_length: int
+    train_on: TrainOn
+    skip_invalid: bool = False
+
+
+def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as data:
@@ -128,16 +142,16 @@ def cache_key(path: str, tokenizer, max_length: int, train_on: TrainOn) -> str:
         tokenizer.backend_tokenizer.to_str(),
         tokenizer.chat_template,
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
-        str(max_length),
-        train_on,
+        repr(tuple(settings)),
         *(inspect.getsource(module) for module in (records, render, sys.modules[__name__])),
     ):
         digest.update(str(part).encode())
     return digest.hexdigest()[:24]
 
 
-def _tokenize(path: str, tokenizer, max_length: int, train_on: TrainOn, workers: Optional[int]) -> TokenizedSplit:
-    conversations = read_records(path)
+def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[int]) -> TokenizedSplit:
+    skipped = Counter() if settings.skip_invalid else None
+    conversations = read_records(path, skipped=skipped)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_THRESHOLD else 0
     chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
@@ -146,25 +160,25 @@ def _tokenize(path: str, tokenizer, max_length: int, train_on: TrainOn, workers:
         task = progress.add_task(f"tokenizing {path}", total=len(conversations))
         if workers > 1:
             context = multiprocessing.get_context("spawn")  # fork after the tokenizer's threads ran can deadlock
-            with context.Pool(workers, _set_worker_tokenizer, (tokenizer, max_length, train_on)) as pool:
+            with context.Pool(workers, _set_worker_tokenizer, (tokenizer, settings)) as pool:
                 for chunk in pool.imap(_render_chunk, chunks):
                     rendered.append(chunk)
                     progress.advance(task, chunk.read)
         else:
-            _set_worker_tokenizer(tokenizer, max_length, train_on)
+            _set_worker_tokenizer(tokenizer, settings)
             rendered = [_render_chunk(chunk) for chunk in chunks]
     lengths = np.concatenate([chunk.lengths for chunk in rendered])
     if not len(lengths):
-        raise DataError(f"{path}: no conversation has a supervised token within max_length={max_length}")
-    dropped = sum(chunk.dropped for chunk in rendered)
+        raise DataError(f"{path}: no conversation has a supervised token within max_length={settings.max_length}")
+    dropped = sum((chunk.dropped for chunk in rendered), skipped or Counter())
     return TokenizedSplit(
         path,
         input_ids=np.concatenate([chunk.input_ids for chunk in rendered]),
         labels=np.concatenate([chunk.labels for chunk in rendered]),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        read=len(conversations),
+        read=len(conversations) + sum((skipped or {}).values()),
         truncated=sum(chunk.truncated for chunk in rendered),
-        dropped={"with no supervised token left after truncation": dropped} if dropped else {},
+        dropped=dict(dropped),
     )
 
 
@@ -176,31 +190,37 @@ class RenderedChunk(NamedTuple):
     lengths: np.ndarray
     read: int
     truncated: int
-    dropped: int
+    dropped: Counter  # by reason
 
 
 _worker: dict = {}
 
 
-def _set_worker_tokenizer(tokenizer, max_length: int, train_on: TrainOn) -> None:
-    _worker.update(tokenizer=tokenizer, max_length=max_length, train_on=train_on)
+def _set_worker_tokenizer(tokenizer, settings: RenderSettings) -> None:
+    _worker.update(tokenizer=tokenizer, settings=settings)
 
 
 def _render_chunk(chunk: list[Record]) -> RenderedChunk:
-    kept, truncated = [], 0
+    settings: RenderSettings = _worker["settings"]
+    kept, truncated, dropped = [], 0, Counter()
     for record in chunk:
         try:
-            sample = render_conversation(record.messages, _worker["tokenizer"], _worker["train_on"], _worker["max_length"])
+            sample = render_conversation(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length)
         except TemplateError as err:
-            raise DataError(f"{record.location}: {err}") from None
+            if not settings.skip_invalid:
+                raise DataError(f"{record.location}: {err}") from None
+            dropped[str(err)] += 1
+            continue
         truncated += sample.truncated
         if sample.supervised_tokens:
             kept.append(sample)
+        else:
+            dropped["with no supervised token left after truncation"] += 1
     return RenderedChunk(
         np.array([t for s in kept for t in s.input_ids], np.int32),
         np.array([t for s in kept for t in s.labels], np.int32),
         np.array([len(s.input_ids) for s in kept], np.int64),
-        len(chunk), truncated, len(chunk) - len(kept),
+        len(chunk), truncated, dropped,
     )
 
 

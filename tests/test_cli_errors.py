@@ -1,46 +1,112 @@
-"""Bad input ends the command with one clear line, exit status 2, no traceback, and nothing written."""
+"""The bad-input catalogue: each ends the command with one clear line naming the file, the 1-based line or
+record and what is wrong; exit status 2, no traceback, and nothing written (no checkpoint, export, log folder)."""
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from sft_lightning.cli import cli_main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_QWEN
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 
 
-def run_fit(tmp_path, capsys, monkeypatch, *extra):
+def jsonl(*rows) -> bytes:
+    return "\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows).encode()
+
+
+def messages(*pairs) -> dict:
+    return {"messages": [dict(zip(("role", "content"), pair)) if isinstance(pair, tuple) else pair for pair in pairs]}
+
+
+# (file name, bytes, expected message after "<file>: ")
+BAD_FILES = {
+    "not JSON": ("train.json", b'[{"messages": [}]', "line 1: not valid JSON"),
+    "broken JSONL line": ("train.jsonl", jsonl(GOOD, '{"messages": ['), "line 2: not valid JSON"),
+    "unknown role": ("train.jsonl", jsonl(GOOD, messages(("robot", "x"))), "line 2: message 1: unknown role 'robot'"),
+    "missing content": ("train.jsonl", jsonl(GOOD, messages({"role": "user"})), "line 2: message 1: content is missing"),
+    "empty content": ("train.jsonl", jsonl(GOOD, messages(("user", ""), ("assistant", "x"))), "line 2: message 1: user content is empty"),
+    "non-string content": ("train.jsonl", jsonl(GOOD, messages(("user", 5))), "line 2: message 1: content is a int, not a string"),
+    "empty messages": ("train.jsonl", jsonl(GOOD, {"messages": []}), "line 2: 'messages' must be a non-empty list"),
+    "no assistant turn": ("train.jsonl", jsonl(GOOD, messages(("user", "hi"))), "line 2: no assistant turn to train on"),
+    "no messages key": ("train.jsonl", jsonl(GOOD, {"prompt": "hi", "answer": "x"}), "line 2: no 'messages' key (keys: prompt, answer)"),
+    "empty file": ("train.jsonl", b"", "the file is empty"),
+    "array with a non-object": ("train.json", json.dumps([GOOD, [1, 2]]).encode(), "record 2: expected an object with 'messages', got list"),
+    "undecodable bytes": ("train.jsonl", jsonl(GOOD) + b"\n\xff\xfe\n", "line 2: not valid UTF-8"),
+}
+
+
+def run(tmp_path, capsys, monkeypatch, *extra):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'out'}", *extra])
+        cli_main(["fit", "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'out'}",
+                  f"--data.cache_dir={tmp_path / 'cache'}", *extra])
     return exit_info.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("{oops", "line 1: not valid JSON"),
-        (json.dumps(GOOD) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "line 2: message 1: unknown role 'robot'"),
-        ("", "the file is empty"),
-    ],
-)
-def test_bad_training_file(tmp_path, capsys, monkeypatch, content, message):
-    data = tmp_path / "train.jsonl"
-    data.write_text(content)
-    code, err = run_fit(tmp_path, capsys, monkeypatch, f"--data.train_path={data}")
+def assert_one_clear_line(tmp_path, code, err, expected):
     assert code == 2
-    assert err.strip().startswith(f"sft-lightning: error: {data}: {message}")
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.ckpt"))
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"sft-lightning: error: {expected}"), err
+    assert not (tmp_path / "out").exists()  # no log folder, config, checkpoint or export
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_training_file(tmp_path, capsys, monkeypatch, case):
+    name, content, message = BAD_FILES[case]
+    data = tmp_path / name
+    data.write_bytes(content)
+    code, err = run(tmp_path, capsys, monkeypatch, f"--data.train_path={data}")
+    assert_one_clear_line(tmp_path, code, err, f"{data}: {message}")
+
+
+def test_missing_file(tmp_path, capsys, monkeypatch):
+    code, err = run(tmp_path, capsys, monkeypatch, f"--data.val_path={tmp_path / 'val.jsonl'}")
+    assert_one_clear_line(tmp_path, code, err, f"{tmp_path / 'val.jsonl'}: no such file")
 
 
 def test_missing_model_path(tmp_path, capsys, monkeypatch):
-    code, err = run_fit(tmp_path, capsys, monkeypatch, f"--model.model_name_or_path={tmp_path / 'nope'}")
+    code, err = run(tmp_path, capsys, monkeypatch, f"--model.model_name_or_path={tmp_path / 'nope'}")
+    assert_one_clear_line(tmp_path, code, err, f"{tmp_path / 'nope'}: no such model folder")
+
+
+def test_template_that_cannot_render(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(TINY_QWEN, model)
+    (model / "chat_template.jinja").write_text("{{ raise_exception('this model has no chat format') }}")
+    code, err = run(tmp_path, capsys, monkeypatch, f"--model.model_name_or_path={model}")
+    assert_one_clear_line(tmp_path, code, err,
+                          "data/chatml_data.json: record 1: the chat template failed to render: this model has no chat format")
+
+
+def test_max_length_beyond_the_model_positions(tmp_path, capsys, monkeypatch):
+    code, err = run(tmp_path, capsys, monkeypatch, "--data.max_length=4096")
+    assert_one_clear_line(tmp_path, code, err, "data.max_length=4096 is more than the 2048 positions of models/tiny-qwen2")
+
+
+@pytest.mark.parametrize("option", ["--data.max_lenght=5", "--data.batch_size=eight"])
+def test_unknown_key_or_wrong_type_keeps_jsonargparse_message(tmp_path, capsys, monkeypatch, option):
+    code, err = run(tmp_path, capsys, monkeypatch, option)
     assert code == 2 and "Traceback" not in err
-    assert str(tmp_path / "nope") in err and len(err.strip().splitlines()) == 1
+    assert "error:" in err and option.split("=")[0].removeprefix("--").split(".")[-1] in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_counts_invalid_records_by_reason(tmp_path, caplog, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(jsonl(GOOD, '{"messages": [', messages(("robot", "x")), GOOD, messages(("bot", "y"))))
+    monkeypatch.chdir(ROOT)
+    caplog.set_level(logging.INFO)
+    cli_main(["fit", "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'out'}",
+              f"--data.cache_dir={tmp_path / 'cache'}", f"--data.train_path={data}", "--data.on_invalid=skip",
+              "--trainer.max_epochs=1", "--data.val_path=null"])
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train (")][0]
+    assert "5 conversations read, 3 dropped (1 not valid JSON, 2 unknown role (expected one of" in summary
+    assert "2 kept" in summary
 
 
 def test_console_script_reports_bad_data_without_traceback(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from sft_lightning import tokenized
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.render import load_tokenizer, render_conversation
-from sft_lightning.tokenized import tokenize_split
+from sft_lightning.tokenized import RenderSettings, tokenize_split
 from tests.conftest import ROOT, TINY_QWEN
 
 DATA = str(ROOT / "data" / "chatml_data.json")
@@ -54,11 +54,12 @@ def test_second_run_reads_the_cache_without_tokenising(tokenizer, tmp_path, monk
 def test_cache_key_follows_content_and_settings(tokenizer, tmp_path):
     copy = tmp_path / "data.json"
     copy.write_text(open(DATA).read())
-    key = tokenized.cache_key(str(copy), tokenizer, 256, "assistant")
-    assert key == tokenized.cache_key(str(copy), tokenizer, 256, "assistant")
-    assert key != tokenized.cache_key(str(copy), tokenizer, 256, "last")
+    key = tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant"))
+    assert key == tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant"))
+    assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "last"))
+    assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant", skip_invalid=True))
     copy.write_text(open(DATA).read().replace("Paris", "Lyon"))
-    assert key != tokenized.cache_key(str(copy), tokenizer, 256, "assistant")
+    assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant"))
 
 
 def test_parallel_workers_give_the_same_arrays(tokenizer, monkeypatch):
