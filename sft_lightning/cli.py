@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig
 
+from sft_lightning.chat import chat
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
@@ -124,13 +125,14 @@ class SFTLightningCLI(LightningCLI):
             export(ckpt, str(Path(self.trainer.log_dir) / "hf_model"))
 
 
-def export_main(args: list[str]) -> None:
-    parser = ArgumentParser(prog="sft-lightning export", description=export.__doc__.splitlines()[0])
-    parser.add_function_arguments(export)
-    export(**vars(parser.parse_args(args)))
+def run_function(function: Callable, prog: str, args: list[str]) -> None:
+    """Run ``function`` with its typed, documented parameters as command-line options (``--help`` shows them)."""
+    parser = ArgumentParser(prog=prog, description=function.__doc__.splitlines()[0])
+    parser.add_function_arguments(function)
+    function(**vars(parser.parse_args(args)))
 
 
-EXTRA_VERBS = {"export": export_main}
+EXTRA_VERBS = {"export": export, "chat": chat}
 
 
 def cli_main(args: Optional[list[str]] = None) -> None:
@@ -138,7 +140,7 @@ def cli_main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if argv and argv[0] in EXTRA_VERBS:
-            EXTRA_VERBS[argv[0]](argv[1:])
+            run_function(EXTRA_VERBS[argv[0]], f"sft-lightning {argv[0]}", argv[1:])
         else:
             SFTLightningCLI(args=args)
     except USER_ERRORS as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,11 @@ class GenerationSettings:
         return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, **sampling}
 
 
+class Reply(NamedTuple):
+    text: str
+    stopped: bool  # ended with an end-of-turn token, not by running into max_new_tokens
+
+
 @torch.inference_mode()
 def generate_replies(
     model,
@@ -27,18 +33,20 @@ def generate_replies(
     attention_mask: torch.Tensor,
     settings: GenerationSettings,
     stops: list[int],
-) -> list[str]:
+    streamer=None,
+) -> list[Reply]:
     """Replies to left-padded prompts, cut at the first of ``stops`` (see ``render.stop_token_ids``) and
-    decoded without special tokens."""
+    decoded without special tokens. ``streamer``: a transformers streamer that receives tokens as they come."""
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
         **settings.kwargs(),
     )
     replies = []
     for row in output[:, input_ids.shape[1] :].tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), len(row))
-        replies.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+        end = next((i for i, token in enumerate(row) if token in stops), None)
+        replies.append(Reply(tokenizer.decode(row[:end], skip_special_tokens=True), end is not None))
     return replies

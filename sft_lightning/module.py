@@ -243,7 +243,7 @@ class SFTLitModule(LightningModule):
             self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation_settings,
             self.stop_ids,
         )
-        return [{"index": int(i), "prediction": reply} for i, reply in zip(batch["index"], replies)]
+        return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch["index"], replies)]
 
     def configure_optimizers(self):
         h = self.hparams

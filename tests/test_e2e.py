@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sft_lightning.cli import SFTLightningCLI, cli_main
 from tests.conftest import ROOT
+from tests.test_learning import chat_through_pipe
 
 pytestmark = pytest.mark.slow
 VAL = str(ROOT / "data" / "chatml_val.json")
@@ -108,3 +109,12 @@ def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkey
         new_tokens = generated[0, prompt["input_ids"].shape[1] :]
         assert new_tokens[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # it stops by itself
         assert tokenizer.decode(new_tokens, skip_special_tokens=True) == row["prediction"]
+
+
+def test_chat_through_a_pipe_uses_the_history_and_stops_at_end_of_turn(run):
+    first, second = "What is the capital of France?", "What is 2 plus 3?"
+    replies, cut, prompts = chat_through_pipe(run["log_dir"] / "hf_model", [first, second], "--show_prompt=true")
+    assert len(replies) == 2 and all(replies) and not cut  # one line each, ended by the model's <|im_end|>
+    # The second turn's prompt, as rendered by the training code, carries the first exchange.
+    assert (f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n{replies[0]}<|im_end|>\n"
+            f"<|im_start|>user\n{second}<|im_end|>\n<|im_start|>assistant\n") in prompts

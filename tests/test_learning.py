@@ -2,6 +2,8 @@
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +45,18 @@ def test_fit_then_predict_answers_held_out_prompts_exactly(model, tmp_path, monk
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     exact = sum(r["prediction"] == r["messages"][-1]["content"] for r in rows) / len(rows)
     assert exact >= 0.9, exact
+    # The same model in chat, through a pipe: held-out prompts, answered and stopped by the model itself.
+    prompts = [r["messages"][0]["content"] for r in rows[:4]]
+    replies, cut, _ = chat_through_pipe(tmp_path / "lightning_logs" / "version_0" / "hf_model", prompts)
+    assert sum(reply == prompt.removeprefix("Repeat: ") for reply, prompt in zip(replies, prompts)) >= 3
+    assert not cut
+
+
+def chat_through_pipe(model_dir, lines, *options):
+    """``sft-lightning chat`` fed ``lines`` on stdin: (replies on stdout, stderr lines saying a reply was cut)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sft_lightning.cli", "chat", f"--model_path={model_dir}", "--max_new_tokens=48", *options],
+        input="\n".join([*lines, "/exit"]) + "\n", capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines(), [line for line in result.stderr.splitlines() if "reply cut" in line], result.stderr

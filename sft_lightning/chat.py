@@ -1,0 +1,140 @@
+"""``sft-lightning chat``: talk to a trained model, rendered with exactly the code used in training.
+
+Interactive on a terminal (history kept, tokens streamed, ``/reset``, ``/system <text>``, ``/exit``); from a
+pipe it reads one user message per line and prints one reply per line with no decoration, so it scripts:
+``printf 'hi\\n/exit\\n' | sft-lightning chat --model_path D``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, TextIO
+
+import torch
+from transformers import TextStreamer
+
+from sft_lightning.export import load_checkpoint_module
+from sft_lightning.generation import GenerationSettings, generate_replies
+from sft_lightning.module import build_causal_lm
+from sft_lightning.render import load_tokenizer, render_prompt, render_text, stop_token_ids
+
+COMMANDS = "/reset (forget the conversation), /system <text> (set the system prompt and reset), /exit"
+
+
+class ChatSession:
+    """A conversation with a model: the history, the system prompt, and one method to answer."""
+
+    def __init__(self, model, tokenizer, settings: GenerationSettings, system_prompt: Optional[str] = None) -> None:
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.stops = stop_token_ids(tokenizer)
+        self.system_prompt = system_prompt
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self, system_prompt: Optional[str] = None) -> None:
+        if system_prompt is not None:
+            self.system_prompt = system_prompt
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+
+    def prompt_text(self, user_text: str) -> str:
+        """What the model would see after ``user_text``: the history rendered by the training template."""
+        return render_text(self.tokenizer, self.messages + [{"role": "user", "content": user_text}], True)
+
+    def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> tuple[str, bool]:
+        """Answer ``text``; ``on_text`` receives the reply piece by piece. Returns (reply, stopped at end-of-turn)."""
+        self.messages.append({"role": "user", "content": text})
+        ids = torch.tensor([render_prompt(self.messages, self.tokenizer)], device=self.model.device)
+        streamer = _Streamer(self.tokenizer, on_text) if on_text else None
+        answer = generate_replies(
+            self.model, self.tokenizer, ids, torch.ones_like(ids), self.settings, self.stops, streamer
+        )[0]
+        self.messages.append({"role": "assistant", "content": answer.text})
+        return answer.text, answer.stopped
+
+
+class _Streamer(TextStreamer):
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.on_text(text)
+
+
+def load_for_chat(model_path: Optional[str], ckpt_path: Optional[str], trust_remote_code: bool = False):
+    """(model, tokenizer) from an exported/hub folder, or from a training checkpoint."""
+    if ckpt_path is not None:
+        module = load_checkpoint_module(ckpt_path)
+        return module.model.eval(), module.tokenizer
+    if model_path is None:
+        raise FileNotFoundError("chat needs --model_path (a model folder or hub name) or --ckpt_path")
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    model = build_causal_lm(model_path, "auto", trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.eval(), tokenizer
+
+
+def chat(
+    model_path: Optional[str] = None,
+    ckpt_path: Optional[str] = None,
+    system_prompt: Optional[str] = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    trust_remote_code: bool = False,
+    show_prompt: bool = False,
+) -> None:
+    """Chat with a model: a REPL on a terminal, one reply per input line from a pipe.
+
+    Args:
+        model_path: exported folder (``hf_model/``) or hub name.
+        ckpt_path: a training checkpoint, instead of ``model_path``.
+        system_prompt: system message that opens every conversation (``/system`` changes it).
+        max_new_tokens: most tokens per reply.
+        temperature: 0 decodes greedily; above 0 samples at this temperature.
+        top_p: nucleus sampling mass (when sampling).
+        trust_remote_code: allow the model's own Python code.
+        show_prompt: print the exact rendered prompt to stderr before each reply.
+    """
+    model, tokenizer = load_for_chat(model_path, ckpt_path, trust_remote_code)
+    settings = GenerationSettings(max_new_tokens, temperature > 0, temperature or 1.0, top_p)
+    session = ChatSession(model, tokenizer, settings, system_prompt)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {ckpt_path or model_path}; {COMMANDS}")
+    run_session(session, sys.stdin, sys.stdout, sys.stderr, interactive, show_prompt)
+
+
+def run_session(session: ChatSession, lines: TextIO, out: TextIO, err: TextIO, interactive: bool, show_prompt: bool) -> None:
+    """The REPL loop, on any streams (tests drive it with StringIO)."""
+    while True:
+        if interactive:
+            out.write("you> ")
+            out.flush()
+        line = lines.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            continue
+        if text.startswith("/system "):
+            session.reset(text.removeprefix("/system ").strip())
+            continue
+        if not text.strip():
+            continue
+        if show_prompt:
+            err.write(session.prompt_text(text) + "\n")
+        if interactive:
+            out.write("assistant> ")
+            reply, stopped = session.reply(text, on_text=lambda piece: (out.write(piece), out.flush()))
+            out.write("\n")
+        else:
+            reply, stopped = session.reply(text)
+            out.write(reply.replace("\n", " ") + "\n")  # one reply per line, for scripts
+            out.flush()
+        if not stopped:
+            err.write(f"(reply cut at max_new_tokens={session.settings.max_new_tokens})\n")
