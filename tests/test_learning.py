@@ -45,9 +45,11 @@ def test_fit_then_predict_answers_held_out_prompts_exactly(model, tmp_path, monk
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     exact = sum(r["prediction"] == r["messages"][-1]["content"] for r in rows) / len(rows)
     assert exact >= 0.9, exact
-    # The same model in chat, through a pipe: held-out prompts, answered and stopped by the model itself.
+    # The same model in chat, through a pipe: held-out prompts, answered and stopped by the model itself; /reset
+    # between them, as the task is single-turn.
     prompts = [r["messages"][0]["content"] for r in rows[:4]]
-    replies, cut, _ = chat_through_pipe(tmp_path / "lightning_logs" / "version_0" / "hf_model", prompts)
+    lines = [line for prompt in prompts for line in (prompt, "/reset")]
+    replies, cut, _ = chat_through_pipe(tmp_path / "lightning_logs" / "version_0" / "hf_model", lines)
     assert sum(reply == prompt.removeprefix("Repeat: ") for reply, prompt in zip(replies, prompts)) >= 3
     assert not cut
 
