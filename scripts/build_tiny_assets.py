@@ -25,6 +25,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from sft_lightning.data import COUNTRIES, WORDS, example_conversation
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
 VOCAB_SIZE = 1024
@@ -43,47 +45,8 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
-COUNTRIES = {
-    "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
-    "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa", "Norway": "Oslo",
-    "Poland": "Warsaw", "Greece": "Athens", "Chile": "Santiago", "Cuba": "Havana", "Ireland": "Dublin",
-}
-OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "early": "late",
-    "happy": "sad", "open": "closed", "full": "empty", "old": "new", "strong": "weak", "wet": "dry",
-}
-WORDS = ["apple", "river", "cloud", "stone", "tiger", "lemon", "piano", "robot", "candle", "garden", "planet", "window"]
-SYSTEMS = ["You are a helpful assistant.", "Answer in one short sentence."]
-
-
-def make_conversation(rng: random.Random) -> dict:
-    kind = rng.choice(["add", "capital", "opposite", "reverse", "chat"])
-    if kind == "add":
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        turns = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")]
-    elif kind == "capital":
-        country = rng.choice(sorted(COUNTRIES))
-        turns = [(f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.")]
-    elif kind == "opposite":
-        word = rng.choice(sorted(OPPOSITES))
-        turns = [(f"What is the opposite of {word}?", f"The opposite of {word} is {OPPOSITES[word]}.")]
-    elif kind == "reverse":
-        word = rng.choice(WORDS)
-        turns = [(f"Spell {word} backwards.", f"{word} backwards is {word[::-1]}.")]
-    else:
-        country = rng.choice(sorted(COUNTRIES))
-        turns = [
-            ("Hello!", "Hello! How can I help you today?"),
-            (f"Where is {COUNTRIES[country]}?", f"{COUNTRIES[country]} is the capital of {country}."),
-        ]
-    messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.4 else []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return {"messages": messages}
-
-
 def write_data(rng: random.Random) -> list[dict]:
-    conversations = [make_conversation(rng) for _ in range(360)]
+    conversations = [example_conversation(rng) for _ in range(360)]
     (ROOT / "data").mkdir(exist_ok=True)
     for name, rows in (("chatml_data.json", conversations[:320]), ("chatml_val.json", conversations[320:])):
         (ROOT / "data" / name).write_text(json.dumps(rows, indent=1) + "\n")

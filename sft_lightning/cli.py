@@ -15,6 +15,8 @@ from transformers import AutoConfig
 
 from sft_lightning.chat import chat
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
+from sft_lightning.data import convert, sample
+from sft_lightning.data_check import check
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
 from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
@@ -132,6 +134,21 @@ def run_function(function: Callable, prog: str, args: list[str]) -> None:
     function(**vars(parser.parse_args(args)))
 
 
+def data_main(args: list[str]) -> None:
+    """``sft-lightning data sample | convert | check``: one subcommand per function, required values positional."""
+    parser = ArgumentParser(prog="sft-lightning data", description="Data tools.")
+    subcommands = parser.add_subcommands()
+    for name, function in DATA_COMMANDS.items():
+        command = ArgumentParser(description=function.__doc__.splitlines()[0])
+        command.add_function_arguments(function, as_positional=name != "check")  # check --config C, like fit
+        subcommands.add_subcommand(name, command, help=function.__doc__.splitlines()[0])
+    # `--from sharegpt` reads better than the parameter's name.
+    config = parser.parse_args(["--from_format" if arg == "--from" else arg for arg in args])
+    name = config.subcommand
+    DATA_COMMANDS[name](**vars(config[name]))
+
+
+DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check}
 EXTRA_VERBS = {"export": export, "chat": chat}
 
 
@@ -139,7 +156,9 @@ def cli_main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``sft-lightning``; ``args`` lets tests and notebooks run it in-process."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv and argv[0] in EXTRA_VERBS:
+        if argv and argv[0] == "data":
+            data_main(argv[1:])
+        elif argv and argv[0] in EXTRA_VERBS:
             run_function(EXTRA_VERBS[argv[0]], f"sft-lightning {argv[0]}", argv[1:])
         else:
             SFTLightningCLI(args=args)

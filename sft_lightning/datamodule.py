@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from sft_lightning.checkpointing import rng_states, set_rng_states
 from sft_lightning.collate import collate_prompts, collate_training
 from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.formats import Format
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
 from sft_lightning.records import read_records
 from sft_lightning.render import IGNORE_INDEX, TrainOn, load_tokenizer, render_prompt
@@ -53,8 +54,8 @@ class MicroBatchDataset(Dataset):
 class PromptDataset(Dataset):
     """Prediction inputs: each conversation up to its last user turn, rendered with the generation prompt."""
 
-    def __init__(self, path: str, tokenizer) -> None:
-        self.records = read_records(path, require_assistant=False)
+    def __init__(self, path: str, tokenizer, fmt: Format = "auto") -> None:
+        self.records = read_records(path, require_assistant=False, fmt=fmt)
         self.prompts = []
         for record in self.records:
             shown = prompt_messages(record.messages)
@@ -105,6 +106,7 @@ class ChatMLDataModule(LightningDataModule):
         cache_dir: Optional[str] = "~/.cache/sft-lightning",
         preprocessing_workers: Optional[int] = None,
         on_invalid: Literal["error", "skip"] = "error",
+        format: Format = "auto",
     ) -> None:
         """Chat conversations (JSON array or JSONL of ``{"messages": [...]}``) rendered with the model's template.
 
@@ -141,6 +143,8 @@ class ChatMLDataModule(LightningDataModule):
             on_invalid: ``error``: the first invalid conversation (bad JSON line, role, content, order, or one
                 the chat template cannot render) stops the run with its file and line; ``skip``: invalid ones are
                 left out and counted by reason in the setup summary.
+            format: row shape of the files: ``auto`` recognises ChatML ``messages``, ShareGPT ``conversations``
+                and Alpaca ``instruction``/``input``/``output`` row by row; or insist on one of them.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -165,7 +169,7 @@ class ChatMLDataModule(LightningDataModule):
             workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
         return tokenize_split(
             self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
-            skip_invalid=h.on_invalid == "skip",
+            skip_invalid=h.on_invalid == "skip", fmt=h.format,
         )
 
     def prepare_data(self) -> None:
@@ -194,7 +198,7 @@ class ChatMLDataModule(LightningDataModule):
         if stage == "predict":
             if self.hparams.predict_path is None:
                 raise DataError("data.predict_path is required for predict")
-            self.predict_dataset = PromptDataset(self.hparams.predict_path, self.tokenizer)
+            self.predict_dataset = PromptDataset(self.hparams.predict_path, self.tokenizer, self.hparams.format)
 
     def _rows(self, name: str) -> list[list[int]]:
         """Packed rows of a split, built once (deterministic, so every rank and a resumed run agree)."""

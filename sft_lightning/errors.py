@@ -27,11 +27,15 @@ class PackingError(ValueError):
     """Packed samples would attend to each other with the configured attention."""
 
 
+class CheckFailed(ValueError):
+    """``sft-lightning data check`` found a problem; its report says which and why."""
+
+
 class ConfigError(ValueError):
     """Settings that cannot work together (checked before anything is written)."""
 
 
-USER_ERRORS = (ConfigError, NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
+USER_ERRORS = (CheckFailed, ConfigError, NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sft_lightning.errors import DataError
+from sft_lightning.formats import Format, to_chatml
 
 ROLES = ("system", "user", "assistant")
 
@@ -26,11 +27,14 @@ class Record:
     messages: list[dict[str, str]]
 
 
-def read_records(path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None) -> list[Record]:
+def read_records(
+    path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None, fmt: Format = "auto"
+) -> list[Record]:
     """Read and validate every conversation in ``path``.
 
     Args:
-        path: a JSON array of objects or a JSONL file, each object holding ``messages``.
+        path: a JSON array of objects or a JSONL file, each object holding ``messages`` (or, per ``fmt``, a
+            ShareGPT or Alpaca row, converted by :mod:`sft_lightning.formats`).
         require_assistant: training data needs an assistant turn; prediction inputs may end with the user.
         skipped: None: the first invalid conversation raises. A Counter: invalid conversations (and unparsable
             JSONL lines) are left out and counted in it by reason. A file that cannot be read at all still raises.
@@ -48,6 +52,7 @@ def read_records(path: str | Path, require_assistant: bool = True, skipped: Opti
     records = []
     for location, row in _parse_rows(path, text, skipped):
         try:
+            row = to_chatml(row, fmt, location)
             records.append(Record(location, validate_messages(row, location, require_assistant)))
         except DataError as err:
             if skipped is None:

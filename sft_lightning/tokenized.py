@@ -26,8 +26,9 @@ from typing import NamedTuple, Optional
 import numpy as np
 from rich.progress import Progress
 
-from sft_lightning import records, render
+from sft_lightning import formats, records, render
 from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.formats import Format
 from sft_lightning.records import Record, read_records
 from sft_lightning.render import IGNORE_INDEX, RenderedSample, TrainOn, render_conversation
 
@@ -99,6 +100,7 @@ def tokenize_split(
     cache_dir: Optional[str] = None,
     workers: Optional[int] = None,
     skip_invalid: bool = False,
+    fmt: Format = "auto",
 ) -> TokenizedSplit:
     """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
 
@@ -106,7 +108,7 @@ def tokenize_split(
     ``PARALLEL_THRESHOLD`` conversations, else none). ``skip_invalid``: leave out conversations that fail
     validation or rendering, counted by reason in ``dropped``, instead of stopping at the first.
     """
-    settings = RenderSettings(max_length, train_on, skip_invalid)
+    settings = RenderSettings(max_length, train_on, skip_invalid, fmt)
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, settings)
@@ -126,6 +128,7 @@ class RenderSettings(NamedTuple):
     max_length: int
     train_on: TrainOn
     skip_invalid: bool = False
+    fmt: Format = "auto"
 
 
 def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
@@ -143,7 +146,7 @@ def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
         tokenizer.chat_template,
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
         repr(tuple(settings)),
-        *(inspect.getsource(module) for module in (records, render, sys.modules[__name__])),
+        *(inspect.getsource(module) for module in (formats, records, render, sys.modules[__name__])),
     ):
         digest.update(str(part).encode())
     return digest.hexdigest()[:24]
@@ -151,7 +154,7 @@ def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
 
 def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[int]) -> TokenizedSplit:
     skipped = Counter() if settings.skip_invalid else None
-    conversations = read_records(path, skipped=skipped)
+    conversations = read_records(path, skipped=skipped, fmt=settings.fmt)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_THRESHOLD else 0
     chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]

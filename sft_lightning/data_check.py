@@ -1,0 +1,163 @@
+"""``sft-lightning data check --config C``: a pre-flight report on the data exactly as ``fit`` would load it.
+
+Shows rendered samples with the trained tokens highlighted (and wrapped in ``⟦ ⟧`` so logs keep it), the
+statistics that decide cost (lengths, truncation, drops, supervised share, padding under the configured
+batching) and the checks behind the field's silent failures. Exits non-zero when a check fails or a threshold
+is exceeded, so it can gate a training job.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal, NamedTuple
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from transformers import GenerationConfig
+
+from sft_lightning.errors import CheckFailed, DataError, TemplateError
+from sft_lightning.records import read_records
+from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id
+from sft_lightning.tokenized import TokenizedSplit
+
+STAGES = {"train": "fit", "val": "validate", "test": "test"}
+# The trainer is not used here: a GPU or multi-node config is checked on any machine.
+TRAINER_OVERRIDES = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+                     "--trainer.num_nodes=1", "--trainer.logger=false"]
+
+
+class Outcome(NamedTuple):
+    name: str
+    status: Literal["pass", "fail", "warn"]
+    detail: str
+
+
+def check(
+    config: str,
+    split: Literal["train", "val", "test"] = "train",
+    samples: int = 2,
+    max_truncated_fraction: float = 0.05,
+    max_dropped_fraction: float = 0.01,
+) -> None:
+    """Pre-flight report on a config's data: highlighted samples, statistics and checks.
+
+    Args:
+        config: a ``sft-lightning fit`` config (its model, tokenizer and data settings are used as fit would).
+        split: which data file of the config to check.
+        samples: how many rendered conversations to show.
+        max_truncated_fraction: fail when more conversations than this are cut at ``data.max_length``.
+        max_dropped_fraction: fail when more conversations than this are dropped (invalid, or nothing left to train).
+    """
+    from sft_lightning.cli import SFTLightningCLI  # the same parser and classes as fit; imported late (cycle)
+
+    cli = SFTLightningCLI(args=["--config", config, *TRAINER_OVERRIDES], run=False)
+    data, model_path = cli.datamodule, cli.model.hparams.model_name_or_path
+    console = Console(highlight=False)
+    try:
+        data.setup(STAGES[split])
+    except (DataError, TemplateError) as err:
+        _report(console, [Outcome("renders and masks with the chat template", "fail", str(err))])
+        raise CheckFailed(f"data check failed: {err}") from None
+    tokenized, tokenizer = data.splits[split], data.tokenizer
+    eot = end_of_turn_token_id(tokenizer)
+    for index in range(min(samples, len(tokenized))):
+        console.print(Text(f"sample {index + 1} (trained tokens in bold green and ⟦ ⟧):", style="bold"))
+        console.print(highlighted(tokenized, index, tokenizer))
+        console.print()
+    console.print(statistics(tokenized, data, split, read_records(tokenized.path, fmt=data.hparams.format)))
+    outcomes = [Outcome("renders and masks with the chat template", "pass", "prefix-stable, end-of-turn is a special token")]
+    outcomes += checks(tokenized, tokenizer, eot, model_path, data.hparams.max_length)
+    outcomes += thresholds(tokenized, max_truncated_fraction, max_dropped_fraction)
+    _report(console, outcomes)
+    failed = [o.name for o in outcomes if o.status == "fail"]
+    if failed:
+        raise CheckFailed(f"data check failed: {'; '.join(failed)}")
+
+
+def highlighted(tokenized: TokenizedSplit, index: int, tokenizer) -> Text:
+    """The sample's text, trained tokens bold green inside ``⟦ ⟧``, the rest dim."""
+    ids, labels = tokenized.sample(index)
+    text = Text()
+    trained = labels != IGNORE_INDEX
+    start = 0
+    for end in [*np.flatnonzero(np.diff(trained.astype(int))) + 1, len(ids)]:
+        piece = tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False)
+        if trained[start]:
+            text.append(f"⟦{piece}⟧", style="bold green")
+        else:
+            text.append(piece, style="dim")
+        start = end
+    return text
+
+
+def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
+    lengths = np.asarray(tokenized.lengths)
+    supervised = sum(tokenized.supervised_tokens)
+    turns = Counter(m["role"] for r in records for m in r.messages)
+    table = Table(title=f"{split}: {tokenized.path}", show_header=False)
+    rows = [
+        ("conversations", f"{tokenized.read} read, {len(tokenized)} kept"),
+        ("dropped", ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items()) or "none"),
+        ("truncated at max_length", f"{tokenized.truncated} ({tokenized.truncated / max(tokenized.read, 1):.1%})"),
+        ("turns", f"{turns['user']} user, {turns['assistant']} assistant, {turns['system']} system"),
+        ("tokens", f"{int(lengths.sum())} (mean {lengths.mean():.1f})"),
+        ("length p50 / p90 / p99 / max", " / ".join(str(int(np.percentile(lengths, q))) for q in (50, 90, 99, 100))),
+        ("supervised tokens", f"{supervised} ({supervised / lengths.sum():.1%} of all tokens)"),
+        ("batching", data._batching_summary(split).split(": ", 1)[1]),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def checks(tokenized: TokenizedSplit, tokenizer, eot: int, model_path: str, max_length: int) -> list[Outcome]:
+    untrained = [i for i in range(len(tokenized)) if not _every_turn_ends_trained(*tokenized.sample(i), eot, max_length)]
+    outcomes = [Outcome(
+        "end-of-turn trained in every sample", "fail" if untrained else "pass",
+        f"{tokenizer.convert_ids_to_tokens(eot)} closes every trained span"
+        if not untrained else f"{len(untrained)} samples (first: {untrained[0] + 1}) have a trained span not closed by it",
+    )]
+    bos = tokenizer.bos_token_id
+    doubled = [i for i in range(len(tokenized)) if bos is not None and tokenized.sample(i)[0][:2].tolist() == [bos, bos]]
+    outcomes.append(Outcome("no double BOS", "fail" if doubled else "pass",
+                            f"{len(doubled)} samples start with two BOS tokens" if doubled else "one BOS at most"))
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    stops = eot in eos
+    outcomes.append(Outcome(
+        "generation_config eos includes the end-of-turn token", "pass" if stops else "warn",
+        f"eos {eos}" if stops else f"eos {eos or 'not set'} lacks {eot}: generation would not stop by itself; "
+        "the hf_model/ that fit exports has it set",
+    ))
+    return outcomes
+
+
+def _every_turn_ends_trained(ids: np.ndarray, labels: np.ndarray, eot: int, max_length: int) -> bool:
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    ends = trained[np.append(np.diff(trained) > 1, True)] if len(trained) else trained
+    cut_off = len(ids) >= max_length  # the last span may run into the truncation
+    return all(ids[end] == eot or (cut_off and end == len(ids) - 1) for end in ends)
+
+
+def thresholds(tokenized: TokenizedSplit, max_truncated: float, max_dropped: float) -> list[Outcome]:
+    truncated = tokenized.truncated / max(tokenized.read, 1)
+    dropped = sum(tokenized.dropped.values()) / max(tokenized.read, 1)
+    return [
+        Outcome("truncated fraction", "fail" if truncated > max_truncated else "pass",
+                f"{truncated:.1%} (at most {max_truncated:.1%}: --max_truncated_fraction)"),
+        Outcome("dropped fraction", "fail" if dropped > max_dropped else "pass",
+                f"{dropped:.1%} (at most {max_dropped:.1%}: --max_dropped_fraction)"),
+    ]
+
+
+def _report(console: Console, outcomes: list[Outcome]) -> None:
+    table = Table(title="checks", show_header=False)
+    marks = {"pass": "[green]PASS[/]", "fail": "[bold red]FAIL[/]", "warn": "[yellow]WARN[/]"}
+    for outcome in outcomes:
+        table.add_row(marks[outcome.status], outcome.name, outcome.detail)
+    console.print(table)

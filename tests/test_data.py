@@ -1,0 +1,125 @@
+"""Data tools: the ChatML sample API, ShareGPT/Alpaca conversion, and the pre-flight check."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sft_lightning.cli import cli_main
+from sft_lightning.data import create_chatml_sample, save_chatml_data
+from sft_lightning.errors import CheckFailed, DataError
+from sft_lightning.records import read_records
+from sft_lightning.render import load_tokenizer
+from sft_lightning.tokenized import tokenize_split
+from tests.conftest import ROOT, TINY_QWEN
+
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                       {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]},
+    {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hey"},
+                       {"from": "gpt", "value": "Hey there."}]},
+]
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat", "system": "You translate."},
+]
+
+
+def test_create_and_save_chatml_samples(tmp_path):
+    sample = create_chatml_sample("Be brief.", "Hi!", "Hello!")
+    assert sample == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                                   {"role": "assistant", "content": "Hello!"}]}
+    assert create_chatml_sample(None, "Hi!", "Hello!")["messages"][0]["role"] == "user"
+    for name in ("out.jsonl", "out.json"):
+        path = save_chatml_data([sample, create_chatml_sample("", "a", "b")], tmp_path / name)
+        assert [r.messages for r in read_records(path)] == [sample["messages"], create_chatml_sample("", "a", "b")["messages"]]
+    with pytest.raises(DataError, match=r"^sample 2: message 1: unknown role 'bot'"):
+        save_chatml_data([sample, {"messages": [{"role": "bot", "content": "x"}]}], tmp_path / "bad.jsonl")
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_sample_command_writes_valid_data(tmp_path):
+    cli_main(["data", "sample", str(tmp_path / "sample.jsonl"), "--count", "12"])
+    assert len(read_records(tmp_path / "sample.jsonl")) == 12
+
+
+def test_convert_sharegpt_exactly(tmp_path):
+    source = tmp_path / "sharegpt.json"
+    source.write_text(json.dumps(SHAREGPT))
+    cli_main(["data", "convert", "--from", "sharegpt", str(source), str(tmp_path / "out.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows == [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hey"},
+                      {"role": "assistant", "content": "Hey there."}]},
+    ]
+
+
+def test_convert_alpaca_exactly(tmp_path):
+    source = tmp_path / "alpaca.jsonl"
+    source.write_text("\n".join(json.dumps(row) for row in ALPACA))
+    cli_main(["data", "convert", "--from", "alpaca", str(source), str(tmp_path / "out.json")])
+    assert json.loads((tmp_path / "out.json").read_text()) == [
+        {"messages": [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]},
+        {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]},
+        {"messages": [{"role": "system", "content": "You translate."},
+                      {"role": "user", "content": "Translate to French.\n\ncat"}, {"role": "assistant", "content": "chat"}]},
+    ]
+
+
+def test_bad_sharegpt_row_names_the_line(tmp_path):
+    source = tmp_path / "sharegpt.jsonl"
+    source.write_text(json.dumps(SHAREGPT[0]) + "\n" + json.dumps({"conversations": [{"from": "robot", "value": "x"}]}))
+    with pytest.raises(DataError, match=r"sharegpt.jsonl: line 2: turn 1: unknown ShareGPT speaker 'robot'"):
+        read_records(source, fmt="sharegpt")
+
+
+def test_the_data_module_reads_other_formats_directly(tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps(row) for row in SHAREGPT + ALPACA))
+    converted = tmp_path / "converted.jsonl"
+    cli_main(["data", "convert", str(mixed), str(converted)])  # auto: row by row
+    tokenizer = load_tokenizer(TINY_QWEN)
+    direct, via_file = (tokenize_split(str(p), tokenizer, 128, "assistant") for p in (mixed, converted))
+    np.testing.assert_array_equal(direct.input_ids, via_file.input_ids)
+    np.testing.assert_array_equal(direct.labels, via_file.labels)
+    assert len(direct) == 6
+
+
+def write_config(tmp_path, model_dir) -> str:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model:\n  model_name_or_path: {model_dir}\n"
+        f"data:\n  train_path: {ROOT / 'data' / 'chatml_data.json'}\n  max_length: 256\n  cache_dir: {tmp_path / 'cache'}\n"
+    )
+    return str(config)
+
+
+def test_check_passes_on_the_sample_data(tmp_path, capsys):
+    cli_main(["data", "check", "--config", write_config(tmp_path, TINY_QWEN)])
+    report = capsys.readouterr().out
+    assert "<|im_start|>assistant\n⟦" in report and "<|im_end|>⟧" in report  # trained spans, end-of-turn included
+    assert "FAIL" not in report and report.count("PASS") == 6
+
+
+def test_check_fails_on_a_template_that_cannot_be_masked(tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(TINY_QWEN, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["data", "check", "--config", write_config(tmp_path, model)])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out
+    assert captured.err == ("sft-lightning: error: data check failed: "
+                            f"{ROOT / 'data' / 'chatml_data.json'}: record 1: the assistant message 3 is not closed by a "
+                            "special end-of-turn token\n")
