@@ -1,4 +1,4 @@
-"""Write predictions as JSONL, one object per input in input order."""
+"""Write predictions as JSONL, one object per input in input order, and score them where references exist."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from sft_lightning.metrics import generation_metrics
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -35,3 +37,16 @@ class JsonlPredictionWriter(BasePredictionWriter):
                 out.write(json.dumps({"messages": record.messages, "prediction": by_index[index]}) + "\n")
         os.replace(partial, self.output_path)
         print(f"wrote {len(records)} predictions to {self.output_path}")
+        scored = [(by_index[i], r.messages[-1]["content"]) for i, r in enumerate(records) if r.messages[-1]["role"] == "assistant"]
+        if scored:
+            self._write_metrics(*zip(*scored))
+
+    def _write_metrics(self, predictions, references) -> None:
+        """Inputs that end with an assistant turn carry a reference answer: score the predictions against them."""
+        metrics = generation_metrics(list(predictions), list(references))
+        path = self.output_path.with_suffix(".metrics.json")
+        path.write_text(json.dumps(metrics, indent=1) + "\n")
+        print(
+            f"{metrics['count']} predictions with a reference: exact match {metrics['exact_match']:.3f}, "
+            f"BLEU {metrics['bleu']:.3f}, ROUGE-L {metrics['rouge_l']:.3f} (written to {path})"
+        )

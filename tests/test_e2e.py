@@ -98,6 +98,10 @@ def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkey
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     inputs = json.load(open(VAL))
     assert [r["messages"] for r in rows] == [i["messages"] for i in inputs]  # input order, reference kept
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    exact = sum(r["prediction"] == r["messages"][-1]["content"] for r in rows) / len(rows)
+    assert metrics["count"] == len(rows) and metrics["exact_match"] == pytest.approx(exact)
+    assert 0 <= metrics["bleu"] <= 1 and 0 <= metrics["rouge_l"] <= 1
 
     export_dir = tmp_path / "hf"
     cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])
