@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig
 
+from sft_lightning.adapters import as_lora, quantization_config
 from sft_lightning.chat import chat
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.data import convert, sample
@@ -98,6 +99,7 @@ class SFTLightningCLI(LightningCLI):
     def _check_model_fits_data(self) -> None:
         """Fail in a second, before any output exists, on a model that is missing or too short for the data."""
         model = self.model.hparams
+        quantization_config(model.quantization, as_lora(model.lora))  # CUDA, bitsandbytes and lora, or one line
         with loading(model.model_name_or_path, "model"):
             config = AutoConfig.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
         positions = getattr(config, "max_position_embeddings", None)

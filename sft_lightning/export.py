@@ -9,14 +9,21 @@ from typing import Optional
 
 import torch
 
+from sft_lightning.adapters import has_adapters
 from sft_lightning.module import DType, SFTLitModule
 from sft_lightning.render import stop_token_ids
 
 
-def save_hf_folder(model, tokenizer, output_dir: str | Path) -> Path:
+def save_hf_folder(model, tokenizer, output_dir: str | Path, adapter_only: bool = False) -> Path:
     """Save safetensors weights, the tokenizer with its chat template, and a generation config that stops at
-    the end-of-turn token. Written to a temporary folder first, so a failure never leaves a half export."""
+    the end-of-turn token. Written to a temporary folder first, so a failure never leaves a half export.
+
+    LoRA adapters are merged into the base weights (a plain transformers folder), or with ``adapter_only``
+    saved alone (peft's ``adapter_config.json`` + ``adapter_model.safetensors``, to load over the base).
+    """
     output_dir = Path(output_dir)
+    if has_adapters(model) and not adapter_only:
+        model = model.merge_and_unload()
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     stops = stop_token_ids(tokenizer)
@@ -42,17 +49,18 @@ def load_checkpoint_module(ckpt_path: str | Path) -> SFTLitModule:
     return module
 
 
-def export(ckpt_path: str, output_dir: str, dtype: Optional[DType] = None) -> None:
+def export(ckpt_path: str, output_dir: str, dtype: Optional[DType] = None, adapter_only: bool = False) -> None:
     """Export a training checkpoint as a Hugging Face model folder.
 
     Args:
         ckpt_path: a ``.ckpt`` file written by ``sft-lightning fit``.
         output_dir: folder to write (replaced if it exists).
         dtype: cast the weights before saving (e.g. ``bfloat16`` to halve the size); default: as trained.
+        adapter_only: for a LoRA run, save the adapters alone instead of merging them into the base weights.
     """
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
     module = load_checkpoint_module(ckpt_path)
     if dtype not in (None, "auto"):
         module.model.to(getattr(torch, dtype))
-    print(f"exported {ckpt_path} to {save_hf_folder(module.model, module.tokenizer, output_dir)}")
+    print(f"exported {ckpt_path} to {save_hf_folder(module.model, module.tokenizer, output_dir, adapter_only)}")

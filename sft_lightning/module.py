@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
+from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
 from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
 from sft_lightning.checkpointing import newest_checkpoint
 from sft_lightning.errors import NonFiniteError, PackingError, loading
@@ -29,13 +30,15 @@ def build_causal_lm(
     trust_remote_code: bool = False,
     attn_implementation: Optional[str] = None,
     pretrained: bool = True,
+    quantization_config=None,
 ):
     """Load ``path`` through ``from_pretrained`` (or only its config, when weights come from a checkpoint)."""
     dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
     with loading(path, "model"):
         if pretrained:
             return AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+                path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                quantization_config=quantization_config,
             )
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_config(
@@ -63,6 +66,8 @@ class SFTLitModule(LightningModule):
         top_p: float = 1.0,
         packing_check: bool = True,
         nonfinite_patience: int = 5,
+        lora: Optional[LoRA] = None,
+        quantization: Optional[Quantization] = None,
     ) -> None:
         """A causal LM from a local Hugging Face folder or a hub name, fine-tuned on supervised tokens only.
 
@@ -90,9 +95,13 @@ class SFTLitModule(LightningModule):
             nonfinite_patience: an optimizer step whose loss or gradient is NaN or infinite is skipped (weights and
                 optimizer state untouched) and counted in ``train_nonfinite_steps``; this many in a row stop the
                 run with an error that names the last checkpoint, which holds only finite weights.
+            lora: train low-rank adapters (peft) instead of all weights; the export merges them into the base.
+            quantization: QLoRA: load the frozen base in ``4bit`` (NF4) or ``8bit`` (bitsandbytes, CUDA only;
+                needs ``lora``).
         """
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.lora = lora_dict(as_lora(lora))  # a plain dict, so checkpoints load with weights_only
         self.model = None
         self.tokenizer = None
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation
@@ -116,10 +125,13 @@ class SFTLitModule(LightningModule):
         h = self.hparams
         self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
+        lora = as_lora(h.lora)
         model = build_causal_lm(
-            h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained
+            h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained,
+            quantization_config(h.quantization, lora) if pretrained else None,
         )
-        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
+        added = list(range(model.get_input_embeddings().num_embeddings, len(self.tokenizer)))
+        if added:
             # The ChatML fallback added <|im_start|>/<|im_end|> to a template-less tokenizer.
             model.resize_token_embeddings(len(self.tokenizer))
         if h.gradient_checkpointing:
@@ -127,6 +139,8 @@ class SFTLitModule(LightningModule):
         self.matmul_parameters = matmul_parameters(model)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if lora is not None:
+            model = add_lora(model, lora, quantized=h.quantization is not None, trainable_tokens=added)
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
