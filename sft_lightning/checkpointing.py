@@ -57,7 +57,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 def newest_checkpoint(root: str | Path) -> Optional[Path]:
     """The most recently written ``*.ckpt`` under ``root`` (every version of the run), or None."""
-    found = [path for path in Path(root).expanduser().rglob("*.ckpt") if path.is_file()]
+    # Sharded checkpoints (FSDP, DeepSpeed) are folders named like files.
+    found = [path for path in Path(root).expanduser().rglob("*.ckpt") if path.is_file() or path.is_dir()]
     return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
 
 

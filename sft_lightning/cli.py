@@ -21,6 +21,7 @@ from sft_lightning.data_check import check
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
 from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
+from sft_lightning.memory import estimate
 from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preempted, Preemption
 from sft_lightning.throughput import ThroughputLogger
@@ -151,7 +152,7 @@ def data_main(args: list[str]) -> None:
 
 
 DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check}
-EXTRA_VERBS = {"export": export, "chat": chat}
+EXTRA_VERBS = {"export": export, "chat": chat, "estimate": estimate}
 
 
 def cli_main(args: Optional[list[str]] = None) -> None:

@@ -1,0 +1,96 @@
+"""Scale: the memory planner against the usual accounting, the presets' stated memory, sharded-checkpoint export."""
+
+import re
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from sft_lightning.adapters import LoRA
+from sft_lightning.cli import cli_main
+from sft_lightning.export import load_checkpoint_module
+from sft_lightning.memory import GB, SHARDINGS, model_config, plan_memory, sharding_of
+from sft_lightning.module import SFTLitModule
+from tests.conftest import ROOT, TINY_QWEN
+
+LLAMA_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
+PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "tiny.yaml")
+
+
+def test_parameter_counts_match_the_published_sizes():
+    published = {"Qwen/Qwen2.5-0.5B-Instruct": 0.49, "Qwen/Qwen2.5-7B-Instruct": 7.62, "Qwen/Qwen2.5-72B-Instruct": 72.7,
+                 LLAMA_8B: 8.03, "meta-llama/Meta-Llama-3-70B-Instruct": 70.55}
+    for name, billions in published.items():
+        plan = plan_memory(model_config(name), 1, SHARDINGS["ddp"])
+        assert plan.parameters / 1e9 == pytest.approx(billions, abs=0.01), name
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 64])
+def test_mixed_precision_adamw_is_16_bytes_per_parameter_sharded_as_zero_says(gpus):
+    config = model_config(LLAMA_8B)
+    n = plan_memory(config, 1, SHARDINGS["ddp"]).parameters
+    ddp = plan_memory(config, gpus, SHARDINGS["ddp"])
+    assert ddp.state == 16 * n  # 4 float32 weights + 4 gradients + 8 AdamW moments, replicated
+    assert plan_memory(config, gpus, SHARDINGS["zero1"]).state == pytest.approx(8 * n + 8 * n / gpus)
+    assert plan_memory(config, gpus, SHARDINGS["zero2"]).state == pytest.approx(4 * n + 12 * n / gpus)
+    assert plan_memory(config, gpus, SHARDINGS["zero3"]).state == pytest.approx(16 * n / gpus)
+    # ZeRO paper, table 1: a 7.5B model on 64 GPUs holds 120 GB of model states, 1.9 GB per GPU under ZeRO-3.
+    assert 16 * 7.5e9 / 64 / 1e9 == pytest.approx(1.875)
+
+
+def test_lora_and_qlora_keep_the_base_frozen():
+    config = model_config(LLAMA_8B)
+    lora = plan_memory(config, 1, SHARDINGS["ddp"], weight_bytes=2.0, lora=LoRA(r=16))
+    # r 16 on every linear layer of Llama-3-8B: 32 layers x 16 x (sum of in+out features) = 41.9M adapters
+    assert lora.trainable == 41_943_040
+    base = lora.parameters - lora.trainable
+    assert lora.weights == pytest.approx(2 * base + 2 * lora.trainable)
+    assert lora.gradients + lora.optimizer == pytest.approx((2 + 8) * lora.trainable)
+    qlora = plan_memory(config, 1, SHARDINGS["ddp"], weight_bytes=2.0, lora=LoRA(r=16), quantization="4bit")
+    assert qlora.weights == pytest.approx(0.5 * base + 2 * lora.trainable)
+
+
+def test_activation_checkpointing_keeps_one_layer_input_each():
+    config = model_config(LLAMA_8B)
+    plan = plan_memory(config, 8, SHARDINGS["zero3"], tokens_per_gpu=8192, checkpointing=True)
+    assert plan.activations_with_checkpointing < plan.activations_without_checkpointing / 10
+    assert plan.activations == plan.activations_with_checkpointing
+
+
+def test_strategies_are_read_from_configs():
+    assert sharding_of("ddp") == SHARDINGS["ddp"]
+    assert sharding_of("deepspeed_stage_2").name == "ZeRO-2 / SHARD_GRAD_OP"
+    offload = sharding_of("deepspeed_stage_3_offload")
+    assert offload.offload_optimizer and offload.offload_weights
+    fsdp = yaml.safe_load((ROOT / "configs" / "llama3-8b.yaml").read_text())["trainer"]["strategy"]
+    assert sharding_of(fsdp) == SHARDINGS["zero3"]
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_preset_header_states_the_planned_memory_and_it_fits(preset, capsys):
+    header = preset.read_text().split("\nseed_everything")[0]
+    stated = float(re.search(r"expected memory per GPU: ~(\d+) GB", header).group(1))
+    cli_main(["estimate", "--config", str(preset)])
+    report = capsys.readouterr().out
+    planned = float(re.search(r"total per GPU \(\w+ checkpointing\)\s+([\d.]+) GB", report).group(1))
+    assert stated == pytest.approx(planned, abs=1)
+    assert "fits a 80 GB GPU" in report
+
+
+def test_fsdp_sharded_checkpoint_exports_to_one_folder(tmp_path):
+    """The layout Lightning's FSDPStrategy(state_dict_type="sharded") writes: torch.distributed.checkpoint shards
+    of {"model": ..., "optimizer_0": ...} and the rest in meta.pt. Written here by one process."""
+    module = SFTLitModule(TINY_QWEN)
+    module.configure_model()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(0.01)  # weights that differ from the pretrained folder
+    folder = tmp_path / "step100.ckpt"
+    dcp.save({"model": module.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}}, checkpoint_id=folder)
+    torch.save({"hyper_parameters": dict(module.hparams), "global_step": 100}, folder / "meta.pt")
+    restored = load_checkpoint_module(folder)
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0)
+    cli_main(["export", f"--ckpt_path={folder}", f"--output_dir={tmp_path / 'hf'}"])
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
