@@ -52,8 +52,18 @@ def load_checkpoint_module(ckpt_path: str | Path) -> SFTLitModule:
     # LightningCLI adds bookkeeping keys such as `_instantiator` to the saved hyperparameters.
     accepted = inspect.signature(SFTLitModule).parameters
     module = SFTLitModule(**{k: v for k, v in hyper_parameters.items() if k in accepted})
-    module.configure_model(pretrained=False)
-    module.load_state_dict(state_dict)
+    if module.hparams.quantization is None:
+        module.configure_model(pretrained=False)
+        module.load_state_dict(state_dict)
+        return module
+    # QLoRA: the checkpoint's base is 4/8-bit. Rebuild the base at full precision from its folder and take only
+    # the adapters from the checkpoint, so they merge into real weights (and this runs without a GPU).
+    module.hparams.quantization = None
+    module.configure_model(pretrained=True)
+    adapters = {name: tensor for name, tensor in state_dict.items() if ".lora_" in name}
+    unexpected = module.load_state_dict(adapters, strict=False).unexpected_keys
+    if not adapters or unexpected:
+        raise ValueError(f"{ckpt_path}: QLoRA checkpoint adapters do not match the model ({len(unexpected)} unknown)")
     return module
 
 

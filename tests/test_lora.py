@@ -67,3 +67,22 @@ def test_quantization_without_cuda_is_one_clear_line(tmp_path, capsys, monkeypat
         "sft-lightning: error: model.quantization=4bit needs a CUDA GPU (bitsandbytes); none is available here\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_qlora_checkpoint_exports_adapters_over_a_full_precision_base(tmp_path):
+    # A QLoRA checkpoint holds a 4-bit base; export rebuilds the base from its folder and merges only the adapters.
+    module = SFTLitModule(TINY_QWEN, lora=LoRA(r=4))
+    module.configure_model()
+    with torch.no_grad():
+        for name, parameter in module.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)  # trained adapters (lora_B starts at zero)
+    state = {name: tensor for name, tensor in module.state_dict().items()}
+    state["model.base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"] = torch.zeros(1, dtype=torch.uint8)
+    path = tmp_path / "qlora.ckpt"
+    torch.save({"hyper_parameters": {**dict(module.hparams), "quantization": "4bit"}, "state_dict": state}, path)
+    cli_main(["export", f"--ckpt_path={path}", f"--output_dir={tmp_path / 'hf'}"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    expected = module.model.merge_and_unload()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
