@@ -130,11 +130,15 @@ class SFTLightningCLI(LightningCLI):
             export(ckpt, str(Path(self.trainer.log_dir) / "hf_model"))
 
 
-def run_function(function: Callable, prog: str, args: list[str]) -> None:
-    """Run ``function`` with its typed, documented parameters as command-line options (``--help`` shows them)."""
+def function_parser(function: Callable, prog: Optional[str] = None, positional: bool = False) -> ArgumentParser:
+    """A parser whose options are ``function``'s typed, documented parameters (``--help`` shows them)."""
     parser = ArgumentParser(prog=prog, description=function.__doc__.splitlines()[0])
-    parser.add_function_arguments(function)
-    function(**vars(parser.parse_args(args)))
+    parser.add_function_arguments(function, as_positional=positional)
+    return parser
+
+
+def run_function(function: Callable, prog: str, args: list[str]) -> None:
+    function(**vars(function_parser(function, prog).parse_args(args)))
 
 
 def data_main(args: list[str]) -> None:
@@ -142,9 +146,8 @@ def data_main(args: list[str]) -> None:
     parser = ArgumentParser(prog="sft-lightning data", description="Data tools.")
     subcommands = parser.add_subcommands()
     for name, function in DATA_COMMANDS.items():
-        command = ArgumentParser(description=function.__doc__.splitlines()[0])
-        command.add_function_arguments(function, as_positional=name != "check")  # check --config C, like fit
-        subcommands.add_subcommand(name, command, help=function.__doc__.splitlines()[0])
+        command = function_parser(function, positional=name != "check")  # check --config C, like fit
+        subcommands.add_subcommand(name, command, help=command.description)
     # `--from sharegpt` reads better than the parameter's name.
     config = parser.parse_args(["--from_format" if arg == "--from" else arg for arg in args])
     name = config.subcommand
