@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Timer
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from sft_lightning.collate import collate_training
 from sft_lightning.datamodule import ChatMLDataModule
@@ -39,9 +39,18 @@ LEARNING_RATE = 1e-3
 
 
 def write_fixture(folder: Path, conversations: int, max_length: int, seed: int) -> tuple[str, str]:
-    """Long-tailed conversations (JSONL) and a random Qwen2 in HF format; returns (data path, model path)."""
+    """Long-tailed conversations (JSONL) and a random ~3M-parameter Qwen2; returns (data path, model path)."""
+    config = Qwen2Config(
+        vocab_size=674, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_length, tie_word_embeddings=True,
+    )
+    return write_conversations(folder / "train.jsonl", conversations, max_length, seed), write_model(folder / "model", config, seed)
+
+
+def write_conversations(path: Path, conversations: int, max_length: int, seed: int) -> str:
+    """Long-tailed chat conversations as JSONL: log-normal lengths, a few past ``max_length`` words."""
     rng = random.Random(seed)
-    with open(folder / "train.jsonl", "w") as out:
+    with open(path, "w") as out:
         for _ in range(conversations):
             # Words per conversation: log-normal (median ~60), capped so a few run past max_length and truncate.
             words = min(int(rng.lognormvariate(4.1, 0.9)) + 8, max_length)
@@ -52,16 +61,16 @@ def write_fixture(folder: Path, conversations: int, max_length: int, seed: int) 
                 messages.append({"role": "user", "content": " ".join(rng.choices(WORDS, k=share))})
                 messages.append({"role": "assistant", "content": " ".join(rng.choices(WORDS, k=share))})
             out.write(json.dumps({"messages": messages}) + "\n")
-    model_dir = folder / "model"
-    config = Qwen2Config(
-        vocab_size=674, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_length, tie_word_embeddings=True,
-    )
+    return str(path)
+
+
+def write_model(folder: Path, config, seed: int) -> str:
+    """A randomly initialised model of ``config`` with the shipped ChatML tokenizer, as a Hugging Face folder."""
     torch.manual_seed(seed)
-    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(TOKENIZER / name, model_dir / name)
-    return str(folder / "train.jsonl"), str(model_dir)
+        shutil.copy(TOKENIZER / name, folder / name)
+    return str(folder)
 
 
 def plain_loop(model_path: str, batches: list[dict], device: torch.device) -> float:
