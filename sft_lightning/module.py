@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -102,6 +103,9 @@ class SFTLitModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.hparams.lora = lora_dict(as_lora(lora))  # a plain dict, so checkpoints load with weights_only
+        if Path(model_name_or_path).expanduser().is_dir():
+            # Checkpoints are exported and resumed from other working directories.
+            self.hparams.model_name_or_path = str(Path(model_name_or_path).expanduser().resolve())
         self.model = None
         self.tokenizer = None
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation

@@ -38,7 +38,8 @@ def test_fit_logs_lower_loss_and_exports_hf_folder(run):
     tokenizer = AutoTokenizer.from_pretrained(hf)
     eos = GenerationConfig.from_pretrained(hf).eos_token_id
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
-    assert (run["log_dir"] / "checkpoints" / "last.ckpt").is_file()
+    last = torch.load(run["log_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["hyper_parameters"]["model_name_or_path"] == str(ROOT / "models" / "tiny-qwen2")  # usable from anywhere
     scalars = logged_scalars(run["log_dir"])
     throughput = ["tokens_per_s", "supervised_tokens_per_s", "samples_per_s", "padding_fraction"]
     assert {f"throughput/{name}" for name in throughput} | {"memory/peak_gb", "train_loss"} <= set(scalars)
