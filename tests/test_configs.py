@@ -23,7 +23,7 @@ def test_config_parses_and_instantiates(config: Path, monkeypatch):
     cli = SFTLightningCLI(args=["--config", str(config), *CPU_OVERRIDES], run=False)
     assert isinstance(cli.model, SFTLitModule) and isinstance(cli.datamodule, ChatMLDataModule)
     # the tokenizer path is set once, on the model, and linked into the data module
-    assert cli.datamodule.hparams.tokenizer_path == cli.model.hparams.model_name_or_path
+    assert cli.datamodule.hparams.tokenizer_path == cli.config.model.model_name_or_path
     assert cli.trainer.checkpoint_callback.monitor == "val_loss"
     raw = yaml.safe_load(config.read_text())
     strategy = raw["trainer"].get("strategy")
