@@ -15,8 +15,8 @@ from transformers import TextStreamer
 
 from sft_lightning.export import load_checkpoint_module
 from sft_lightning.generation import GenerationSettings, generate_replies
-from sft_lightning.module import build_causal_lm
-from sft_lightning.render import load_tokenizer, render_prompt, render_text, stop_token_ids
+from sft_lightning.module import SFTLitModule
+from sft_lightning.render import render_prompt, render_text, stop_token_ids
 
 COMMANDS = "/reset (forget the conversation), /system <text> (set the system prompt and reset), /exit"
 
@@ -68,11 +68,10 @@ def load_for_chat(model_path: Optional[str], ckpt_path: Optional[str], trust_rem
         return module.model.eval(), module.tokenizer
     if model_path is None:
         raise FileNotFoundError("chat needs --model_path (a model folder or hub name) or --ckpt_path")
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    model = build_causal_lm(model_path, "auto", trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model.eval(), tokenizer
+    # The training module's own loader: same tokenizer set-up (ChatML fallback, resized embeddings) as fit.
+    module = SFTLitModule(model_path, torch_dtype="auto", trust_remote_code=trust_remote_code)
+    module.configure_model()
+    return module.model.eval(), module.tokenizer
 
 
 def chat(
