@@ -70,10 +70,11 @@ class Preemption(Callback):
         if trainer.global_step == self._checked_step:
             return  # still accumulating: not a step boundary
         self._checked_step = trainer.global_step
-        received = torch.tensor(self.received or 0, device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            received = trainer.strategy.reduce(received, reduce_op="sum")
-        if not received.item():
+        if trainer.world_size > 1:  # a signal that reached any rank stops all of them, at the same step
+            received = torch.tensor(self.received or 0, device=trainer.strategy.root_device)
+            if not trainer.strategy.reduce(received, reduce_op="sum").item():
+                return
+        elif not self.received:
             return
         signum = self.received or signal.SIGTERM  # the rank that got no signal reports the usual one
         path = self._checkpoint_path(trainer)

@@ -31,12 +31,15 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     return total if tied else total - embedding.weight.numel()
 
 
-def training_flops(config, matmul_params: int, sample_lengths: torch.Tensor) -> float:
-    """Forward + backward FLOPs of one micro-batch: ``6 N`` per token plus ``12 L H Q`` per token and context token."""
+def training_flops(config, matmul_params: int, sample_lengths: torch.Tensor) -> torch.Tensor:
+    """Forward + backward FLOPs of one micro-batch: ``6 N`` per token plus ``12 L H Q`` per token and context token.
+
+    A tensor on the lengths' device, so that counting every micro-batch never waits for the GPU.
+    """
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     lengths = sample_lengths.double()
-    return float(6 * matmul_params * lengths.sum() + 12 * config.num_hidden_layers * heads * head_dim * lengths.square().sum())
+    return 6 * matmul_params * lengths.sum() + 12 * config.num_hidden_layers * heads * head_dim * lengths.square().sum()
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -69,10 +72,15 @@ class ThroughputLogger(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         lengths = batch["sample_lengths"]
-        flops = training_flops(pl_module.model.config, pl_module.matmul_parameters, lengths)
-        supervised = int((batch["labels"] != IGNORE_INDEX).sum())
-        self._counts += torch.tensor([len(lengths), int(lengths.sum()), supervised, batch["input_ids"].numel(), flops],
-                                     dtype=torch.float64)
+        counts = torch.stack([
+            torch.tensor(len(lengths), dtype=torch.float64, device=lengths.device),
+            lengths.sum().double(),
+            (batch["labels"] != IGNORE_INDEX).sum().double(),
+            torch.tensor(batch["input_ids"].numel(), dtype=torch.float64, device=lengths.device),
+            training_flops(pl_module.model.config, pl_module.matmul_parameters, lengths),
+        ])
+        # Summed where the batch lives: no host round trip per micro-batch, only when logging.
+        self._counts = self._counts.to(counts.device) + counts
         step, every = trainer.global_step, self.every_n_steps or trainer.log_every_n_steps
         if step != self._logged_step and step % every == 0:  # the same decision on every rank
             self._logged_step = step
