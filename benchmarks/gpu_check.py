@@ -3,6 +3,7 @@ steps through ``sft-lightning fit``, reporting tokens/s, MFU and peak memory aga
 
     python benchmarks/gpu_check.py                                   # Qwen2.5-0.5B architecture, bf16-mixed, 50 steps
     python benchmarks/gpu_check.py --arch meta-llama/Meta-Llama-3-8B-Instruct --strategy fsdp --steps 10 --num_layers 8
+    python benchmarks/gpu_check.py --arch meta-llama/Meta-Llama-3-8B-Instruct --strategy fsdp --devices 8  # all 32 layers
 
 The architecture's config comes from ``configs/models/`` (``--num_layers`` shortens it to fit one GPU); the
 tokenizer is the shipped tiny ChatML one (its ids lie within any vocabulary); the data is the long-tailed fixture
@@ -13,6 +14,7 @@ a 2-layer model, which is how it is tested.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -28,17 +30,18 @@ from sft_lightning.memory import GB, SHARDINGS, format_plan, model_config, plan_
 
 
 def fsdp_strategy(config) -> list[str]:
+    """The FSDP presets' strategy (FSDP2, each decoder layer sharded, activation checkpointing) for this architecture."""
     layer = {"qwen2": "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
              "llama": "transformers.models.llama.modeling_llama.LlamaDecoderLayer"}[config.model_type]
-    return ["--trainer.strategy=lightning.pytorch.strategies.FSDPStrategy",
-            f"--trainer.strategy.auto_wrap_policy=[{layer}]", f"--trainer.strategy.activation_checkpointing_policy=[{layer}]",
-            "--trainer.strategy.sharding_strategy=FULL_SHARD"]
+    return ["--trainer.strategy=sft_lightning.sharding.FSDP2Strategy", f"--trainer.strategy.layer_classes=[{layer}]",
+            "--model.gradient_checkpointing=true"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="Qwen/Qwen2.5-0.5B-Instruct", help="a model of configs/models/")
     parser.add_argument("--strategy", choices=["auto", "fsdp"], default="auto")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs (FSDP shards over them; 1 runs its code unsharded)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch_size", type=int, default=4, help="packed rows per step")
     parser.add_argument("--max_length", type=int, default=2048)
@@ -53,20 +56,26 @@ def main() -> None:
         if getattr(config, "layer_types", None):  # derived from the layer count when the config was made
             config.layer_types = config.layer_types[:layers]
     max_length = args.max_length if cuda else 256
-    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check-"))
-    out.mkdir(parents=True, exist_ok=True)
-    data = write_conversations(out / "train.jsonl", 20 * args.steps * args.batch_size, max_length, seed=0)
-    model = write_model(out / "model", config, seed=0)
+    # With several devices Lightning starts this script again for each other rank (LOCAL_RANK set, the environment
+    # inherited): those ranks use the folder and fixture that rank 0 wrote before it launched them.
+    out = Path(args.out or os.environ.setdefault("GPU_CHECK_OUT", tempfile.mkdtemp(prefix="gpu_check-")))
+    data, model = out / "train.jsonl", out / "model"
+    if "LOCAL_RANK" not in os.environ:
+        out.mkdir(parents=True, exist_ok=True)
+        write_conversations(data, 20 * args.steps * args.batch_size, max_length, seed=0)
+        write_model(model, config, seed=0)
     precision = "bf16-mixed" if cuda else "32-true"
     cli_main([
         "fit", "--config", "configs/tiny.yaml", f"--model.model_name_or_path={model}", f"--data.train_path={data}",
         "--data.val_path=null", "--data.packing=true", f"--data.max_length={max_length}",
         f"--data.batch_size={args.batch_size}", f"--data.cache_dir={out / 'cache'}", f"--trainer.max_steps={args.steps}",
-        "--trainer.accelerator=auto", "--trainer.devices=1", f"--trainer.precision={precision}",
+        "--trainer.accelerator=auto", f"--trainer.devices={args.devices}", f"--trainer.precision={precision}",
         f"--trainer.default_root_dir={out}", "--trainer.log_every_n_steps=10", "--model.warmup_ratio=0.1",
         "--model.learning_rate=1e-4", "--trainer.enable_progress_bar=false",
         *(fsdp_strategy(config) if args.strategy == "fsdp" else []),
     ])
+    if "LOCAL_RANK" in os.environ:
+        return  # rank 0 reports
     run = max((out / "lightning_logs").glob("version_*"), key=lambda path: path.stat().st_mtime)
     events = EventAccumulator(str(run))
     events.Reload()
@@ -78,7 +87,7 @@ def main() -> None:
                 "throughput/padding_fraction", "memory/peak_gb", "train_loss"):
         if tag in last:
             print(f"  {tag:38s} {last[tag]:.4g}")
-    plan = plan_memory(config, 1, SHARDINGS["zero3" if args.strategy == "fsdp" else "ddp"], precision, 4.0,
+    plan = plan_memory(config, args.devices, SHARDINGS["zero3" if args.strategy == "fsdp" else "ddp"], precision, 4.0,
                        args.batch_size * max_length, checkpointing=args.strategy == "fsdp")
     print(format_plan(plan, args.arch, precision, 80.0))
     if "memory/peak_gb" in last:

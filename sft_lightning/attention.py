@@ -88,5 +88,23 @@ def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], att
     return worst
 
 
+def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """How far the logits of ``second`` move when the sample packed before it in the same row, ``first``, is
+    replaced by other tokens of the same length; relative to the logits' scale, as a float32 scalar.
+
+    Exactly 0 when the attention keeps packed samples apart, in any precision and on any strategy: both forwards
+    have the same shapes, so the same kernels round the same way, and nothing of ``first`` reaches ``second``.
+    """
+    other = (first + 1) % model.get_input_embeddings().num_embeddings
+    logits = []
+    for before in (first, other):
+        row = [(before.tolist(), before.tolist()), (second.tolist(), second.tolist())]
+        batch = {name: tensor.to(first.device) for name, tensor in collate_packed([row], pad_token_id=0).items()}
+        inputs, _ = packed_model_inputs(batch, attn_implementation)
+        output = model(**inputs, use_cache=False).logits
+        logits.append(output.reshape(-1, output.shape[-1])[len(first) :].float())
+    return (logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp(min=1e-6)
+
+
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)

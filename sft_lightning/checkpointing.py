@@ -39,11 +39,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class ResumableCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint, except that ``last.ckpt`` is also written every ``every_n_train_steps`` before
-    the monitored metric first exists.
+    the monitored metric first exists, and that ``save_last: link`` never links to an older step.
 
     Lightning defers every save, ``last`` included, until validation has produced ``val_loss``; in a long first
     epoch that would leave nothing to resume from. Top-k selection by the metric is unchanged.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._saved_at_step = -1  # global step of the newest checkpoint this callback wrote
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._saved_at_step = trainer.global_step
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        # Lightning 2.6.6 (save_last="link") links last.ckpt to the newest checkpoint written even when that one is
+        # from an earlier step (top-k kept nothing at this one), and --ckpt_path last would go back in time. Link
+        # only to a checkpoint of this step; otherwise write last.ckpt in full.
+        if self.save_last != "link" or self._saved_at_step == trainer.global_step:
+            return super()._save_last_checkpoint(trainer, monitor_candidates)
+        self.save_last = True
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self.save_last = "link"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -121,13 +121,14 @@ class SFTLightningCLI(LightningCLI):
         self.trainer.callbacks.append(JsonlPredictionWriter(output_path))
 
     def after_fit(self) -> None:
-        """Export the best weights (else the last) as ``hf_model/`` in the run's log directory."""
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        """Export the best weights (else the last) as ``hf_model/`` in the run's log directory, on global rank 0."""
+        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank asks, or the run hangs
+        if not self.trainer.is_global_zero or log_dir is None:
             return
         callback = self.trainer.checkpoint_callback
         ckpt = callback and (callback.best_model_path or callback.last_model_path)
         if ckpt:
-            export(ckpt, str(Path(self.trainer.log_dir) / "hf_model"))
+            export(ckpt, str(Path(log_dir) / "hf_model"))
 
 
 def function_parser(function: Callable, prog: Optional[str] = None, positional: bool = False) -> ArgumentParser:

@@ -14,7 +14,7 @@ from sft_lightning.adapters import has_adapters
 from sft_lightning.module import DType, SFTLitModule
 from sft_lightning.render import stop_token_ids
 
-FSDP_METADATA = "meta.pt"  # what Lightning's FSDPStrategy writes beside the shards of a sharded checkpoint
+FSDP_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards of a checkpoint
 
 
 def save_hf_folder(model, tokenizer, output_dir: str | Path, adapter_only: bool = False) -> Path:
@@ -77,12 +77,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-        # Lightning's FSDP writes {"model": ..., "optimizer_0": ...} as shards; read the model part only.
+        # FSDP2Strategy writes {"state_dict": ..., "optimizer_0": ...} as shards; read the weights only. torch 2.13
+        # has no public reader that skips the optimizer (dcp_to_torch_save converts everything), hence the privates.
         shards: dict = {}
-        _load_state_dict(shards, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}),
-                         no_dist=True)
+        _load_state_dict(shards, storage_reader=FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}), no_dist=True)
         meta = torch.load(path / FSDP_METADATA, map_location="cpu", weights_only=True)
-        return meta["hyper_parameters"], shards["model"]
+        return meta["hyper_parameters"], shards["state_dict"]
     if (path / "checkpoint").is_dir():
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 

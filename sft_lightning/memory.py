@@ -160,6 +160,8 @@ def sharding_of(strategy) -> Sharding:
         offload = bool(args.get("cpu_offload"))
         return {"FULL_SHARD": _zero(3, offload, offload), "HYBRID_SHARD": _zero(3, offload, offload),
                 "SHARD_GRAD_OP": SHARDINGS["zero2"], "NO_SHARD": SHARDINGS["ddp"]}[kind]
+    if name == "FSDP2Strategy":  # layers kept gathered from forward to backward hold like ZeRO-2
+        return SHARDINGS["zero3"] if args.get("reshard_after_forward", True) else SHARDINGS["zero2"]
     if name == "DeepSpeedStrategy":
         return _zero(int(args.get("stage", 2)), bool(args.get("offload_optimizer")), bool(args.get("offload_parameters")))
     return SHARDINGS["ddp"]

@@ -9,16 +9,24 @@ from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
-from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
+from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_model_inputs
 from sft_lightning.checkpointing import newest_checkpoint
-from sft_lightning.errors import NonFiniteError, PackingError, loading
+from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
+from sft_lightning.sharding import FSDP2Strategy
 from sft_lightning.throughput import matmul_parameters
+
+# The packing check packs two spans of this many tokens from the first batch.
+PACKING_CHECK_TOKENS = 128
+# Same shapes round the same way, so a correct attention moves the second span's logits by exactly 0; a leak moves
+# them by a sizeable fraction of their scale.
+PACKING_CHECK_TOLERANCE = 1e-3
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Our names to transformers' scheduler names; "constant" still warms up.
@@ -91,8 +99,9 @@ class SFTLitModule(LightningModule):
             do_sample: predict: sample instead of greedy decoding.
             temperature: predict: sampling temperature.
             top_p: predict: nucleus sampling mass.
-            packing_check: before a packed fit, run a few training samples packed and alone and refuse to start
-                if their logits differ (an attention backend that lets packed samples see each other).
+            packing_check: in the first packed forward (training, validation or test), pack two spans of the batch
+                and refuse to go on if the second one's logits change when the first one does (an attention
+                backend that lets packed samples see each other).
             nonfinite_patience: an optimizer step whose loss or gradient is NaN or infinite is skipped (weights and
                 optimizer state untouched) and counted in ``train_nonfinite_steps``; this many in a row stop the
                 run with an error that names the last checkpoint, which holds only finite weights.
@@ -114,6 +123,7 @@ class SFTLitModule(LightningModule):
         self.matmul_parameters = 0  # for the FLOPs in throughput logging
         self._packing_checked = False
         self._keeps_logits = False
+        self._added_tokens = 0  # rows the tokenizer adds to the pretrained vocabulary
         self._nonfinite_steps = 0  # skipped optimizer steps, in all
         self._nonfinite_in_a_row = 0
         self._step_loss = torch.zeros(())
@@ -130,57 +140,67 @@ class SFTLitModule(LightningModule):
         self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         lora = as_lora(h.lora)
-        model = build_causal_lm(
-            h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained,
-            quantization_config(h.quantization, lora) if pretrained else None,
-        )
-        added = list(range(model.get_input_embeddings().num_embeddings, len(self.tokenizer)))
-        if added:
-            # The ChatML fallback added <|im_start|>/<|im_end|> to a template-less tokenizer.
-            model.resize_token_embeddings(len(self.tokenizer))
-        if h.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.device_mesh is not None:  # set by a ModelParallelStrategy before this hook
+            model = self._sharded_model()
+        else:
+            model = self._build(pretrained)
         self.matmul_parameters = matmul_parameters(model)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if lora is not None:
-            model = add_lora(model, lora, quantized=h.quantization is not None, trainable_tokens=added)
+            added = range(len(self.tokenizer) - self._added_tokens, len(self.tokenizer))
+            model = add_lora(model, lora, quantized=h.quantization is not None, trainable_tokens=list(added))
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
-    def on_fit_start(self) -> None:
-        self._check_packing()
+    def _build(self, pretrained: bool):
+        """The Hugging Face model with the tokenizer's vocabulary and activation checkpointing as configured."""
+        h = self.hparams
+        model = build_causal_lm(
+            h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained,
+            quantization_config(h.quantization, as_lora(h.lora)) if pretrained else None,
+        )
+        self._added_tokens = max(len(self.tokenizer) - model.get_input_embeddings().num_embeddings, 0)
+        if self._added_tokens:
+            # The ChatML fallback added <|im_start|>/<|im_end|> to a template-less tokenizer. New rows start at the
+            # mean embedding; a model without weights yet (meta) gets them from a pretrained one.
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=pretrained)
+        if h.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
 
-    def on_validation_start(self) -> None:
-        self._check_packing()
+    def _sharded_model(self):
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDP2Strategy):
+            raise ConfigError(f"{type(strategy).__name__}: for sharded training use sft_lightning.sharding.FSDP2Strategy")
+        if self.hparams.lora is not None or self.hparams.quantization is not None:
+            raise ConfigError("FSDP2Strategy trains every weight; LoRA and QLoRA fit one GPU: use trainer.strategy ddp")
+        return strategy.load_pretrained(lambda: self._build(pretrained=False), lambda: self._build(pretrained=True))
 
-    def on_test_start(self) -> None:
-        self._check_packing()
-
-    def _check_packing(self) -> None:
-        """Once per run, before the first packed batch: refuse an attention that lets packed samples mix."""
-        data = self.trainer.datamodule
-        if self._packing_checked or not self.hparams.packing_check or data is None or not data.hparams.get("packing"):
-            return
+    def _check_packing(self, input_ids: torch.Tensor) -> None:
+        """Once per run, in the first packed forward on every rank: refuse an attention that lets packed samples
+        mix. Runs wherever the model runs (sharded, mixed precision), with the same decision on every rank."""
         self._packing_checked = True
-        split = next(iter(data.splits.values()))
-        samples = [split.sample(i) for i in range(min(4, len(split)))]
+        tokens = input_ids.reshape(-1)[: 2 * PACKING_CHECK_TOKENS]
+        half = len(tokens) // 2
         attn = self.model.config._attn_implementation
         was_training = self.model.training
         self.model.eval()  # no dropout, so any difference is the attention's
-        with self.trainer.precision_plugin.forward_context():
-            mismatch = packed_logit_mismatch(self.model, samples, attn)
+        with torch.no_grad():
+            influence = cross_sample_influence(self.model, tokens[:half], tokens[half : 2 * half], attn)
         self.model.train(was_training)
-        # Samples that see each other move logits by ~0.1-1; rounding in half precision stays well below 0.05.
-        tolerance = 1e-4 if str(self.trainer.precision) in ("32-true", "32", "64-true") else 5e-2
-        if mismatch > tolerance:
+        influence = self.all_gather(influence).max().item()
+        if influence > PACKING_CHECK_TOLERANCE:
             raise PackingError(
-                f"packed samples attend to each other with attn_implementation={attn} (logits differ by {mismatch:.3g} "
-                f"from unpacked): use sdpa_varlen, sdpa or flash_attention_2, or set data.packing false"
+                f"packed samples attend to each other with attn_implementation={attn} (a sample's logits move by "
+                f"{influence:.3g} of their scale when the sample before it changes): use sdpa_varlen, sdpa or "
+                "flash_attention_2, or set data.packing false"
             )
 
     def _token_stats(self, batch):
         if "position_ids" in batch:
+            if self.hparams.packing_check and not self._packing_checked:
+                self._check_packing(batch["input_ids"])
             inputs, labels = packed_model_inputs(batch, self.model.config._attn_implementation)
         else:
             inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
@@ -233,7 +253,10 @@ class SFTLitModule(LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads:
-                finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+                norm = torch.nn.utils.get_total_norm(grads)
+                if isinstance(norm, DTensor):  # sharded gradients (FSDP2): the norm of the whole gradient
+                    norm = norm.full_tensor()
+                finite = finite & torch.isfinite(norm)
         flag = (~finite).float()
         if self.trainer.world_size > 1:
             flag = self.trainer.strategy.reduce(flag, reduce_op="sum")

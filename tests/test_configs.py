@@ -6,10 +6,14 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from sft_lightning.cli import SFTLightningCLI
 from sft_lightning.datamodule import ChatMLDataModule
+from sft_lightning.memory import model_config
 from sft_lightning.module import SFTLitModule
+from sft_lightning.sharding import FSDP2Strategy
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -40,12 +44,13 @@ def test_presets_use_the_intended_precision():
         assert precision == ("32-true" if config.name == "tiny.yaml" else "bf16-mixed"), config.name
 
 
-def test_fsdp_preset_wraps_and_checkpoints_each_decoder_layer():
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "FSDP2Strategy" in c.read_text()], ids=lambda p: p.name)
+def test_fsdp_presets_shard_and_checkpoint_each_decoder_layer(config):
+    raw = yaml.safe_load(config.read_text())
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Strategy)
-    raw = yaml.safe_load((ROOT / "configs" / "llama3-8b.yaml").read_text())["trainer"]["strategy"]
-    fsdp = parser.instantiate_classes(parser.parse_object({"strategy": raw})).strategy
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
-    assert fsdp._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    fsdp = parser.instantiate_classes(parser.parse_object({"strategy": raw["trainer"]["strategy"]})).strategy
+    assert isinstance(fsdp, FSDP2Strategy) and fsdp.reshard_after_forward
+    layer = {"qwen2": Qwen2DecoderLayer, "llama": LlamaDecoderLayer}[model_config(raw["model"]["model_name_or_path"]).model_type]
+    assert fsdp.layer_classes == [f"{layer.__module__}.{layer.__name__}"]
+    assert raw["model"]["gradient_checkpointing"] and raw["checkpoint"]["save_last"] == "link"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sft_lightning.attention import SDPA_VARLEN, packed_logit_mismatch, packed_model_inputs
+from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_logit_mismatch, packed_model_inputs
 from sft_lightning.cli import cli_main
 from sft_lightning.loss import token_stats
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
@@ -69,11 +69,29 @@ def test_packed_logits_and_losses_equal_one_by_one(model_dir, attn):
                 start += len(ids)
 
 
+def check_spans(model_dir):
+    """Two spans of real conversation tokens, as the check takes them from a batch."""
+    tokens = torch.tensor([t for ids, _ in chat_samples(model_dir) for t in ids])
+    return tokens[:40], tokens[40:80]
+
+
+@pytest.mark.parametrize("model_dir", [TINY_QWEN, TINY_LLAMA], ids=["qwen2", "llama"])
+@pytest.mark.parametrize("attn", [SDPA_VARLEN, "sdpa", "eager"])
+def test_the_check_finds_no_influence_between_packed_samples(model_dir, attn):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn).eval()
+    with torch.no_grad():
+        assert cross_sample_influence(model, *check_spans(model_dir), attn).item() == 0.0  # exactly: same kernels
+        half = model.to(torch.bfloat16)
+        assert cross_sample_influence(half, *check_spans(model_dir), attn).item() == 0.0  # in half precision too
+
+
 def test_the_check_catches_samples_that_see_each_other():
     # A model on plain sdpa given the inputs prepared for sdpa_varlen: the all-ones mask with nothing honouring
     # the sample boundaries is exactly the silent failure the check exists for.
     model = AutoModelForCausalLM.from_pretrained(TINY_QWEN, attn_implementation="sdpa").eval()
     assert packed_logit_mismatch(model, chat_samples(TINY_QWEN), SDPA_VARLEN) > 1e-2
+    with torch.no_grad():
+        assert cross_sample_influence(model, *check_spans(TINY_QWEN), SDPA_VARLEN).item() > 1e-2
 
 
 def test_transformers_default_cache_mixes_packed_samples():
@@ -93,9 +111,9 @@ def test_transformers_default_cache_mixes_packed_samples():
 def test_fit_refuses_to_pack_when_samples_mix(monkeypatch, tmp_path, capsys):
     import sft_lightning.module as module_py
 
-    real = module_py.packed_logit_mismatch
-    # Simulate a backend that ignores the sample boundaries (as above), at the check the fit runs first.
-    monkeypatch.setattr(module_py, "packed_logit_mismatch", lambda model, samples, attn: real(model, samples, SDPA_VARLEN))
+    real = module_py.cross_sample_influence
+    # Simulate a backend that ignores the sample boundaries (as above), at the check in the first packed forward.
+    monkeypatch.setattr(module_py, "cross_sample_influence", lambda model, first, second, attn: real(model, first, second, SDPA_VARLEN))
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exited:
         cli_main(["fit", "--config", "configs/tiny.yaml", "--model.attn_implementation=sdpa", "--data.packing=true",

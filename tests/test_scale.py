@@ -79,15 +79,15 @@ def test_preset_header_states_the_planned_memory_and_it_fits(preset, capsys):
 
 
 def test_fsdp_sharded_checkpoint_exports_to_one_folder(tmp_path):
-    """The layout Lightning's FSDPStrategy(state_dict_type="sharded") writes: torch.distributed.checkpoint shards
-    of {"model": ..., "optimizer_0": ...} and the rest in meta.pt. Written here by one process."""
+    """The layout FSDP2Strategy (Lightning's ModelParallelStrategy) writes: torch.distributed.checkpoint shards of
+    {"state_dict": ..., "optimizer_0": ...} and the rest in meta.pt. Written here by one process."""
     module = SFTLitModule(TINY_QWEN)
     module.configure_model()
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.add_(0.01)  # weights that differ from the pretrained folder
     folder = tmp_path / "step100.ckpt"
-    dcp.save({"model": module.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}}, checkpoint_id=folder)
+    dcp.save({"state_dict": module.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}}, checkpoint_id=folder)
     torch.save({"hyper_parameters": dict(module.hparams), "global_step": 100}, folder / "meta.pt")
     restored = load_checkpoint_module(folder)
     for name, tensor in module.state_dict().items():
