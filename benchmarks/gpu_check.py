@@ -60,7 +60,8 @@ def main() -> None:
     # inherited): those ranks use the folder and fixture that rank 0 wrote before it launched them.
     out = Path(args.out or os.environ.setdefault("GPU_CHECK_OUT", tempfile.mkdtemp(prefix="gpu_check-")))
     data, model = out / "train.jsonl", out / "model"
-    if "LOCAL_RANK" not in os.environ:
+    launched_rank = "LOCAL_RANK" in os.environ  # before fit, which sets it in rank 0's environment too
+    if not launched_rank:
         out.mkdir(parents=True, exist_ok=True)
         write_conversations(data, 20 * args.steps * args.batch_size, max_length, seed=0)
         write_model(model, config, seed=0)
@@ -74,7 +75,7 @@ def main() -> None:
         "--model.learning_rate=1e-4", "--trainer.enable_progress_bar=false",
         *(fsdp_strategy(config) if args.strategy == "fsdp" else []),
     ])
-    if "LOCAL_RANK" in os.environ:
+    if launched_rank:
         return  # rank 0 reports
     run = max((out / "lightning_logs").glob("version_*"), key=lambda path: path.stat().st_mtime)
     events = EventAccumulator(str(run))

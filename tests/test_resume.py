@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sft_lightning.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from sft_lightning.cli import SFTLightningCLI
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -85,3 +86,18 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_save_last_link_never_points_at_an_older_step(tmp_path, monkeypatch):
+    # mode=max on a falling val_loss: top-k keeps only the first validation's checkpoint, and Lightning alone would
+    # link every later last.ckpt to it, so that --ckpt_path last would resume 20 steps back.
+    monkeypatch.chdir(ROOT)
+    cli = SFTLightningCLI(args=[
+        "fit", "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.max_epochs=2", "--checkpoint.save_last=link", "--checkpoint.mode=max", "--checkpoint.every_n_train_steps=6",
+        "--trainer.enable_progress_bar=false",
+    ])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == cli.trainer.global_step == 40
+    best = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)["global_step"]
+    assert best == 24  # the first save after val_loss exists, kept by top-k: the older step (seen linked without the fix)
