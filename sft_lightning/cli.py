@@ -26,6 +26,7 @@ from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preempted, Preemption
 from sft_lightning.throughput import ThroughputLogger
 from sft_lightning.writers import JsonlPredictionWriter
+from sft_lightning.zero import deepspeed_config
 
 
 # cli_main(args) is meant to be called from Python (tests, notebooks) while sys.argv holds the caller's own flags.
@@ -96,6 +97,11 @@ class SFTLightningCLI(LightningCLI):
         self._check_model_fits_data()
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self._resolve_last_checkpoint()
+        config = deepspeed_config(self.trainer.strategy)
+        if config is not None:
+            # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the
+            # micro-batch off the loader's batch_sampler, which a loader of whole micro-batches does not have.
+            config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
 
     def _check_model_fits_data(self) -> None:
         """Fail in a second, before any output exists, on a model that is missing or too short for the data."""

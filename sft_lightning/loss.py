@@ -2,8 +2,9 @@
 
 The training objective of an optimizer step is the sum of token NLL over every supervised token of that step
 (all micro-batches, all ranks) divided by their count. A micro-batch therefore contributes
-``nll_sum / step_supervised_tokens``; the factors below undo the ``1 / accumulate_grad_batches`` that Lightning
-applies and the ``1 / world_size`` of DDP's gradient averaging.
+``nll_sum / step_supervised_tokens``; the factor below undoes the ``1 / accumulate_grad_batches`` that Lightning
+applies, the ``1 / world_size`` of the strategy's gradient averaging, and DeepSpeed's second division by the
+accumulation count.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
     return TokenStats(nll_sum, supervised.sum(), correct)
 
 
-def micro_batch_loss(
-    nll_sum: torch.Tensor, step_supervised_tokens: torch.Tensor, accumulate_grad_batches: int, world_size: int
-) -> torch.Tensor:
-    """The value to backpropagate so that the optimizer step sees the token mean of its whole step."""
-    return nll_sum * (accumulate_grad_batches * world_size) / step_supervised_tokens.clamp(min=1)
+def micro_batch_loss(nll_sum: torch.Tensor, step_supervised_tokens: torch.Tensor, framework_divisor: int) -> torch.Tensor:
+    """The value to backpropagate so that the optimizer step sees the token mean of its whole step.
+
+    ``framework_divisor`` is what Lightning and the strategy divide the loss (or the gradients) by on the way to
+    the optimizer (see ``sft_lightning.zero.loss_divisor``).
+    """
+    return nll_sum * framework_divisor / step_supervised_tokens.clamp(min=1)
 
 
 class TokenMetrics(Metric):

@@ -20,6 +20,10 @@ from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
 from sft_lightning.sharding import FSDP2Strategy
+from sft_lightning.zero import (
+    adamw, at_optimizer_step, deepspeed_config, float32_rotary_buffers, is_zero3, logical_ndim, loss_divisor,
+    end_zero3_loading, skips_nonfinite_steps, zero3_loading,
+)
 from sft_lightning.throughput import matmul_parameters
 
 # The packing check packs two spans of this many tokens from the first batch.
@@ -124,6 +128,9 @@ class SFTLitModule(LightningModule):
         self._packing_checked = False
         self._keeps_logits = False
         self._added_tokens = 0  # rows the tokenizer adds to the pretrained vocabulary
+        self._deepspeed: Optional[dict] = None  # the DeepSpeed config, when trained under DeepSpeed
+        self._hf_deepspeed = None
+        self._first_forward_done = False
         self._nonfinite_steps = 0  # skipped optimizer steps, in all
         self._nonfinite_in_a_row = 0
         self._step_loss = torch.zeros(())
@@ -140,6 +147,11 @@ class SFTLitModule(LightningModule):
         self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         lora = as_lora(h.lora)
+        # Lightning 2.6.6: `self.trainer` raises when no trainer is attached (export and chat call this directly);
+        # its private `_trainer` is the way to ask.
+        self._deepspeed = deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
+        if is_zero3(self._deepspeed):
+            self._hf_deepspeed = zero3_loading(self._deepspeed)  # alive while and after from_pretrained runs
         if self.device_mesh is not None:  # set by a ModelParallelStrategy before this hook
             model = self._sharded_model()
         else:
@@ -197,7 +209,14 @@ class SFTLitModule(LightningModule):
                 "flash_attention_2, or set data.packing false"
             )
 
+    def _before_first_forward(self) -> None:
+        self._first_forward_done = True
+        if self._deepspeed is not None:  # built under zero.Init, whose context has ended by now
+            float32_rotary_buffers(self.model)
+
     def _token_stats(self, batch):
+        if not self._first_forward_done:
+            self._before_first_forward()
         if "position_ids" in batch:
             if self.hparams.packing_check and not self._packing_checked:
                 self._check_packing(batch["input_ids"])
@@ -217,28 +236,42 @@ class SFTLitModule(LightningModule):
         stats = self._token_stats(batch)
         step_tokens = batch["step_supervised_tokens"]
         self._step_loss = self._step_loss.to(stats.nll_sum.device) + stats.nll_sum.detach() / step_tokens
-        return micro_batch_loss(stats.nll_sum, step_tokens, self.trainer.accumulate_grad_batches, self.trainer.world_size)
+        divisor = loss_divisor(self._deepspeed, self.trainer.accumulate_grad_batches, self.trainer.world_size)
+        return micro_batch_loss(stats.nll_sum, step_tokens, divisor)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if not at_optimizer_step(self.trainer.strategy):
+            return  # DeepSpeed: a micro-batch inside the accumulation
         # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
         self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
         if not self._step_is_finite(optimizer):
-            # No gradient, no update: AdamW leaves a parameter without .grad (and its moments) untouched.
-            optimizer.zero_grad(set_to_none=True)
             self._nonfinite_steps += 1
             self._nonfinite_in_a_row += 1
+            if self._deepspeed is None:
+                # No gradient, no update: AdamW leaves a parameter without .grad (and its moments) untouched.
+                optimizer.zero_grad(set_to_none=True)
+            elif not skips_nonfinite_steps(self._deepspeed):
+                # ZeRO keeps its own float32 gradient partitions and would apply this one: stop before it does.
+                self._raise_nonfinite("DeepSpeed cannot skip this step with its config (ZeRO-3, or fp32)")
             if self._nonfinite_in_a_row >= self.hparams.nonfinite_patience:
-                last = newest_checkpoint(self.trainer.default_root_dir)
-                raise NonFiniteError(
-                    f"{self._nonfinite_in_a_row} optimizer steps in a row (to step {self.trainer.global_step + 1}) had a "
-                    f"NaN or infinite loss or gradient; the last good checkpoint is {last or 'none (none was saved)'}; "
-                    "lower model.learning_rate or look for a broken batch"
-                )
+                self._raise_nonfinite(f"{self._nonfinite_in_a_row} optimizer steps in a row")
         else:
             self._nonfinite_in_a_row = 0
         self.log("train_nonfinite_steps", float(self._nonfinite_steps), rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
+
+    def _raise_nonfinite(self, what: str) -> None:
+        last = newest_checkpoint(self.trainer.default_root_dir)
+        raise NonFiniteError(
+            f"{what} (to step {self.trainer.global_step + 1}) had a NaN or infinite loss or gradient; the last good "
+            f"checkpoint is {last or 'none (none was saved)'}; lower model.learning_rate or look for a broken batch"
+        )
+
+    def teardown(self, stage: str) -> None:
+        if self._hf_deepspeed is not None:
+            self._hf_deepspeed = None
+            end_zero3_loading()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_steps"] = self._nonfinite_steps
@@ -280,6 +313,8 @@ class SFTLitModule(LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     def predict_step(self, batch, batch_idx):
+        if not self._first_forward_done:
+            self._before_first_forward()
         replies = generate_replies(
             self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation_settings,
             self.stop_ids,
@@ -291,10 +326,10 @@ class SFTLitModule(LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Biases and norm weights are the 1-D parameters; decaying them only hurts.
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if logical_ndim(p) >= 2], "weight_decay": h.weight_decay},
+            {"params": [p for p in params if logical_ndim(p) < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=h.learning_rate, betas=tuple(h.adam_betas))
+        optimizer = adamw(groups, h.learning_rate, tuple(h.adam_betas), self._deepspeed)
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_scheduler(
             SCHEDULERS[h.lr_scheduler], optimizer,

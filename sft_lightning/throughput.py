@@ -18,6 +18,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from sft_lightning.render import IGNORE_INDEX
+from sft_lightning.zero import logical_numel
 
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 COUNTERS = ("samples", "tokens", "supervised_tokens", "slots", "flops")
@@ -25,10 +26,10 @@ COUNTERS = ("samples", "tokens", "supervised_tokens", "slots", "flops")
 
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Parameters that take part in a matmul per token: all but an input embedding that is not also the LM head."""
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
-    return total if tied else total - embedding.weight.numel()
+    return total if tied else total - logical_numel(embedding.weight)
 
 
 def training_flops(config, matmul_params: int, sample_lengths: torch.Tensor) -> torch.Tensor:

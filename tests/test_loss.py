@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.module import SFTLitModule
+from sft_lightning.zero import loss_divisor
 from tests.conftest import ROOT, TINY_QWEN
 
 TRAIN = str(ROOT / "data" / "chatml_data.json")
@@ -27,10 +28,13 @@ def test_token_stats_sum_and_count_supervised_positions_only():
     torch.testing.assert_close(stats.nll_sum, expected)
 
 
-def test_micro_batch_loss_undoes_lightning_and_ddp_averaging():
+def test_micro_batch_loss_undoes_lightning_ddp_and_deepspeed_averaging():
     # 2 ranks x accumulation 4: Lightning divides by 4, DDP averages over 2; the step must see sum / 100.
-    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), accumulate_grad_batches=4, world_size=2)
+    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), loss_divisor(None, 4, 2))
     assert value / 4 / 2 == pytest.approx(10.0 / 100)
+    # DeepSpeed's engine.backward divides by the accumulation count once more.
+    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), loss_divisor({"zero_optimization": {}}, 4, 2))
+    assert value / 4 / 4 / 2 == pytest.approx(10.0 / 100)
 
 
 def test_token_metrics_are_a_token_mean_not_a_mean_of_batch_means():
@@ -96,7 +100,7 @@ def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):
     # micro-batches hold different numbers of supervised tokens.
     import sft_lightning.module as module_py
 
-    def mean_of_means(nll_sum, step_tokens, accumulate, world):
+    def mean_of_means(nll_sum, step_tokens, divisor):
         return nll_sum / nll_sum.new_tensor(module_py._last_count)
 
     original = module_py.token_stats

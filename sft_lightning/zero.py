@@ -1,0 +1,112 @@
+"""What training under Lightning's DeepSpeedStrategy needs beyond Lightning: the pieces DeepSpeed does its own way.
+
+- ZeRO-3 builds the model inside ``deepspeed.zero.Init``; ``from_pretrained`` only loads its weights into the
+  partitioned parameters while a ``HfDeepSpeedConfig`` of the run's config is alive.
+- ``zero.Init`` creates every floating tensor in the training dtype, the rotary ``inv_freq`` buffer included; in
+  bfloat16 its phases drift by up to 7 radians at position 4095, so it is rebuilt in float32.
+- DeepSpeed owns gradient accumulation: ``engine.backward`` divides the loss by the accumulation count a second
+  time (Lightning already did), and Lightning calls the optimizer hooks on every micro-batch.
+- An offloaded optimizer must be DeepSpeed's CPU Adam; DeepSpeed rejects torch's.
+
+Nothing here imports DeepSpeed unless a DeepSpeed strategy is in use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+
+
+def deepspeed_config(strategy: Optional[Strategy]) -> Optional[dict[str, Any]]:
+    """The DeepSpeed config of a DeepSpeed strategy, else None."""
+    return strategy.config if isinstance(strategy, DeepSpeedStrategy) else None
+
+
+def is_zero3(config: Optional[dict[str, Any]]) -> bool:
+    return bool(config) and config.get("zero_optimization", {}).get("stage") == 3
+
+
+def offloads_optimizer(config: Optional[dict[str, Any]]) -> bool:
+    device = (config or {}).get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def zero3_loading(config: dict[str, Any]):
+    """Returns an object to keep alive while ``from_pretrained`` runs under ``zero.Init`` (and after: transformers
+    consults it again when it resizes embeddings or generates)."""
+    # Imported before the model code: imported inside zero.Init, torch._dynamo's polyfills fail against DeepSpeed's
+    # patched tensor constructors (DeepSpeed 0.19.8, torch 2.13).
+    import torch._dynamo  # noqa: F401
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+def end_zero3_loading() -> None:
+    """Forget the run's ZeRO-3 config, so that later models in this process (the export after fit) build plainly."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def float32_rotary_buffers(model: torch.nn.Module) -> int:
+    """Rebuild, in float32, every rotary embedding buffer that is not float32; returns how many modules changed.
+
+    Call it outside ``zero.Init`` (which would make the new buffers bfloat16 again): the module is constructed
+    afresh from its config on the CPU, which computes the buffers exactly as ``from_pretrained`` does.
+    """
+    rebuilt = 0
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if not isinstance(inv_freq, torch.Tensor) or inv_freq.dtype == torch.float32 or not hasattr(module, "config"):
+            continue
+        fresh = type(module)(config=module.config)
+        for name, buffer in fresh.named_buffers(recurse=False):
+            module.register_buffer(name, buffer.to(inv_freq.device), persistent=False)
+        rebuilt += 1
+    return rebuilt
+
+
+def logical_ndim(parameter: torch.nn.Parameter) -> int:
+    """A parameter's number of dimensions, also when ZeRO-3 has partitioned it into an empty 1-D placeholder."""
+    return len(getattr(parameter, "ds_shape", parameter.shape))
+
+
+def logical_numel(parameter: torch.nn.Parameter) -> int:
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], config: Optional[dict[str, Any]]):
+    """torch's AdamW, or DeepSpeed's CPU Adam (in AdamW mode) when DeepSpeed offloads the optimizer."""
+    if offloads_optimizer(config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def at_optimizer_step(strategy: Strategy) -> bool:
+    """Whether the optimizer is about to step. Under DeepSpeed, Lightning runs the optimizer hooks after every
+    micro-batch and the engine steps only at the accumulation boundary."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return True
+    return strategy.deepspeed_engine.is_gradient_accumulation_boundary()
+
+
+def skips_nonfinite_steps(config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed itself skips a step whose gradients overflow: ZeRO-1/2 in fp16, or in bf16 with its
+    ``check_grad_overflow`` on. ZeRO-3 checks only in fp16, and fp32 never."""
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    fp16 = config.get("fp16", {}).get("enabled", False)
+    bf16 = config.get("bf16", {}).get("enabled", False) and config["bf16"].get("check_grad_overflow", True)
+    return fp16 or (stage in (1, 2) and bf16)
+
+
+def loss_divisor(config: Optional[dict[str, Any]], accumulate_grad_batches: int, world_size: int) -> int:
+    """What the framework divides a micro-batch's loss by before its gradient reaches the optimizer: Lightning the
+    accumulation count, DDP/FSDP/DeepSpeed the ranks (gradient averaging), and DeepSpeed's ``engine.backward`` the
+    accumulation count once more."""
+    again = accumulate_grad_batches if config is not None else 1
+    return accumulate_grad_batches * again * world_size

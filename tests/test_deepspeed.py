@@ -1,0 +1,105 @@
+"""DeepSpeed presets through ``sft-lightning fit`` on 2 CPU processes (gloo), with the real Lightning and DeepSpeed
+code (``tests/cpu_deepspeed.py`` lifts only Lightning's CUDA-only steps): ZeRO-3 loads the pretrained weights into
+its partitions, RoPE stays float32, each optimizer step applies the token-exact gradient of one process, and
+``train_loss`` is the step's token mean."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import Strategy
+from safetensors.torch import load_file
+
+from sft_lightning.zero import at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
+from tests.conftest import ROOT, TINY_QWEN
+from tests.test_loss import assert_same_gradients
+
+PRESETS = sorted((ROOT / "configs").glob("*deepspeed.yaml"))
+
+
+class StepRecorder(L.Callback):
+    """Test helper: the full gradient of each optimizer step (gathered from ZeRO partitions), the weights at the
+    start (gathered), the RoPE dtype after the first forward and the last ``train_loss``; rank 0 saves them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.steps, self.record = [], {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.record["start"] = {n: full(p, trainer) for n, p in pl_module.model.named_parameters()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if at_optimizer_step(trainer.strategy):
+            self.steps.append({n: full(p, trainer, grad=True) for n, p in pl_module.model.named_parameters()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.record.update(steps=self.steps, train_loss=trainer.callback_metrics["train_loss"].item(),
+                           inv_freq=str(pl_module.model.model.rotary_emb.inv_freq.dtype))
+        if trainer.is_global_zero:
+            torch.save(self.record, self.path)
+
+
+def full(parameter, trainer, grad: bool = False) -> torch.Tensor:
+    if deepspeed_config(trainer.strategy) is None:
+        return (parameter.grad if grad else parameter).detach().clone()
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    return (safe_get_full_grad if grad else safe_get_full_fp32_param)(parameter).detach().clone()
+
+
+def fit(root, *extra: str) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/qwen2.5-7b-deepspeed.yaml",
+        "--trainer.accelerator=cpu", "--trainer.precision=32-true", f"--model.model_name_or_path={TINY_QWEN}",
+        "--model.learning_rate=1e-3", "--model.weight_decay=0.1", "--data.max_length=128", "--data.num_workers=0",
+        "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+        f"--data.cache_dir={root / 'cache'}", "--trainer.callbacks+=tests.test_deepspeed.StepRecorder",
+        f"--trainer.callbacks.path={root / 'record.pt'}", *extra,
+    ]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_zero3_preset_on_two_processes_equals_one_process(tmp_path):
+    zero3 = fit(tmp_path / "zero3", "--trainer.devices=2", "--trainer.strategy=tests.cpu_deepspeed.CPUDeepSpeedStrategy",
+                "--trainer.strategy.stage=3", "--trainer.strategy.process_group_backend=gloo")
+    assert zero3.returncode == 0, zero3.stderr[-3000:]
+    single = fit(tmp_path / "single", "--trainer.devices=1", "--trainer.strategy=auto", "--data.batch_size=4")
+    assert single.returncode == 0, single.stderr[-3000:]
+    record = torch.load(tmp_path / "zero3" / "record.pt", weights_only=True)
+    reference = torch.load(tmp_path / "single" / "record.pt", weights_only=True)
+    pretrained = load_file(f"{TINY_QWEN}/model.safetensors")
+    for name, tensor in record["start"].items():  # loaded into the partitions, not initialised at random
+        torch.testing.assert_close(tensor, pretrained.get(name, pretrained["model.embed_tokens.weight"]), rtol=0, atol=0)
+    assert record["inv_freq"] == "torch.float32"
+    # 4 micro-batches of accumulation per step: Lightning and DeepSpeed would each divide by 4 (16 in all).
+    assert len(record["steps"]) == len(reference["steps"]) == 2
+    assert_same_gradients(record["steps"], reference["steps"])
+    assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+    assert (tmp_path / "zero3" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_deepspeed_presets_offload_with_deepspeeds_adam_and_skip_nonfinite_steps_where_they_can(preset):
+    raw = yaml.safe_load(preset.read_text())["trainer"]["strategy"]
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    config = deepspeed_config(parser.instantiate_classes(parser.parse_object({"strategy": raw})).strategy)
+    big = "70b" in preset.name or "72b" in preset.name
+    assert offloads_optimizer(config) == big  # module.adamw then builds DeepSpeedCPUAdam
+    config["bf16"] = {"enabled": True}  # as Lightning's bf16-mixed formatting sets it
+    assert skips_nonfinite_steps(config) == (config["zero_optimization"]["stage"] < 3)
+
+
+def test_nonfinite_skipping_follows_deepspeeds_own_overflow_check():
+    zero = lambda stage, **precision: {"zero_optimization": {"stage": stage}, **precision}  # noqa: E731
+    assert skips_nonfinite_steps(zero(2, bf16={"enabled": True}))
+    assert not skips_nonfinite_steps(zero(2, bf16={"enabled": True, "check_grad_overflow": False}))
+    assert not skips_nonfinite_steps(zero(3, bf16={"enabled": True}))  # ZeRO-3 checks fp16 only: the run stops
+    assert skips_nonfinite_steps(zero(3, fp16={"enabled": True}))
+    assert not skips_nonfinite_steps(zero(2))  # fp32
