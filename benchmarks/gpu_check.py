@@ -85,14 +85,15 @@ def main() -> None:
     print(f"\n{args.arch} ({config.num_hidden_layers} layers), {device}, {precision}, {args.strategy}, "
           f"{args.batch_size} x {max_length} packed tokens per step, {args.steps} steps")
     for tag in ("throughput/tokens_per_s", "throughput/supervised_tokens_per_s", "throughput/mfu",
-                "throughput/padding_fraction", "memory/peak_gb", "train_loss"):
+                "throughput/padding_fraction", "memory/peak_gb", "memory/peak_reserved_gb", "train_loss"):
         if tag in last:
             print(f"  {tag:38s} {last[tag]:.4g}")
     plan = plan_memory(config, args.devices, SHARDINGS["zero3" if args.strategy == "fsdp" else "ddp"], precision, 4.0,
                        args.batch_size * max_length, checkpointing=args.strategy == "fsdp")
     print(format_plan(plan, args.arch, precision, 80.0))
-    if "memory/peak_gb" in last:
-        print(f"measured peak / planned total: {last['memory/peak_gb'] * GB / plan.total:.2f}")
+    for tag in ("memory/peak_gb", "memory/peak_reserved_gb"):
+        if tag in last:
+            print(f"measured {tag.split('/')[1]} / planned total: {last[tag] * GB / plan.total:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from sft_lightning.zero import (
     adamw, at_optimizer_step, deepspeed_config, float32_rotary_buffers, is_zero3, logical_ndim, loss_divisor,
     end_zero3_loading, skips_nonfinite_steps, zero3_loading,
 )
-from sft_lightning.throughput import matmul_parameters
+from sft_lightning.throughput import FlopParameters, matmul_parameters
 
 # The packing check packs two spans of this many tokens from the first batch.
 PACKING_CHECK_TOKENS = 128
@@ -124,7 +124,7 @@ class SFTLitModule(LightningModule):
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
-        self.matmul_parameters = 0  # for the FLOPs in throughput logging
+        self.matmul_parameters = FlopParameters(0, 0)  # for the FLOPs in throughput logging
         self._packing_checked = False
         self._keeps_logits = False
         self._added_tokens = 0  # rows the tokenizer adds to the pretrained vocabulary

@@ -3,44 +3,68 @@
 Counts come from the batches themselves (``sample_lengths``, ``labels``) and are summed over ranks when
 logged, so they are exact with variable-length batches, packing and any number of devices. MFU uses the
 PaLM accounting, ``6 N`` FLOPs per token for the matmul weights plus ``12 L H Q T`` for attention over a
-context of ``T`` tokens (each sample's own length when packed), against the device's peak for the training
-dtype (Lightning's table of GPUs; not logged where the peak is unknown, e.g. on a CPU).
+context of ``T`` tokens (each sample's own length when packed); the LM head counts only on the positions whose
+next token is trained, the only ones it runs on (``logits_to_keep``). The peak is the GPU's dense bf16/fp16
+tensor throughput from :data:`DENSE_PEAK_TFLOPS` (the datasheets' sparse figures are twice that), or
+``--throughput.peak_tflops``; MFU is not logged where neither knows the device (a CPU, ``32-true``).
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from sft_lightning.render import IGNORE_INDEX
 from sft_lightning.zero import logical_numel
 
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 COUNTERS = ("samples", "tokens", "supervised_tokens", "slots", "flops")
+# Dense bf16 / fp16 tensor-core TFLOP/s per GPU (vendor datasheets), matched in order against
+# torch.cuda.get_device_name(): the more specific names first.
+DENSE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2500.0), ("B200", 2250.0), ("H200 NVL", 835.0), ("H200", 989.4), ("GH200", 989.4),
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("H800", 989.4), ("H20", 148.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L20", 119.5), ("L4", 121.0),
+    ("A6000", 154.8), ("A40", 149.7), ("A10", 125.0), ("RTX 4090", 165.2), ("MI300X", 1307.4), ("MI250X", 383.0),
+)
 
 
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters that take part in a matmul per token: all but an input embedding that is not also the LM head."""
+def dense_peak_flops(device_name: str) -> Optional[float]:
+    """The device's dense bf16/fp16 FLOP/s from :data:`DENSE_PEAK_TFLOPS`, or None for a device it does not list."""
+    return next((tflops * 1e12 for name, tflops in DENSE_PEAK_TFLOPS if name in device_name), None)
+
+
+class FlopParameters(NamedTuple):
+    """Parameters that take part in a matmul: the body on every token, the LM head on the positions it runs on."""
+
+    body: int
+    head: int
+
+
+def matmul_parameters(model: torch.nn.Module) -> FlopParameters:
+    """All parameters but an input embedding that is not also the LM head, split into body and head; partitioned
+    (ZeRO-3) and sharded (FSDP2) parameters count whole."""
     total = sum(logical_numel(p) for p in model.parameters())
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_params = logical_numel(head.weight) if head is not None else 0
     tied = head is not None and head.weight is embedding.weight
-    return total if tied else total - logical_numel(embedding.weight)
+    return FlopParameters(total - head_params - (0 if tied else logical_numel(embedding.weight)), head_params)
 
 
-def training_flops(config, matmul_params: int, sample_lengths: torch.Tensor) -> torch.Tensor:
-    """Forward + backward FLOPs of one micro-batch: ``6 N`` per token plus ``12 L H Q`` per token and context token.
+def training_flops(config, parameters: FlopParameters, sample_lengths: torch.Tensor, head_positions: torch.Tensor) -> torch.Tensor:
+    """Forward + backward FLOPs of one micro-batch: ``6 N`` per token (the LM head's part per position it runs on)
+    plus ``12 L H Q`` per token and context token.
 
     A tensor on the lengths' device, so that counting every micro-batch never waits for the GPU.
     """
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     lengths = sample_lengths.double()
-    return 6 * matmul_params * lengths.sum() + 12 * config.num_hidden_layers * heads * head_dim * lengths.square().sum()
+    attention = 12 * config.num_hidden_layers * heads * head_dim * lengths.square().sum()
+    return 6 * parameters.body * lengths.sum() + 6 * parameters.head * head_positions.double() + attention
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -50,22 +74,27 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class ThroughputLogger(Callback):
-    def __init__(self, every_n_steps: Optional[int] = None) -> None:
+    def __init__(self, every_n_steps: Optional[int] = None, peak_tflops: Optional[float] = None) -> None:
         """Log ``throughput/*`` and ``memory/peak_gb`` every ``every_n_steps`` optimizer steps.
 
         Args:
             every_n_steps: optimizer steps between logs (default: ``trainer.log_every_n_steps``).
+            peak_tflops: one device's dense peak TFLOP/s for the training dtype, for MFU (default: the GPU's
+                bf16/fp16 figure from the built-in table under ``bf16-*``/``16-*`` precision).
         """
         self.every_n_steps = every_n_steps
+        self.peak_tflops = peak_tflops
         self.available_flops: Optional[float] = None
         self._counts = torch.zeros(len(COUNTERS), dtype=torch.float64)
         self._started = 0.0
         self._logged_step = -1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        precision = str(trainer.precision)
-        dtype = next((d for prefix, d in COMPUTE_DTYPES.items() if precision.startswith(prefix)), torch.float32)
-        self.available_flops = get_available_flops(trainer.strategy.root_device, dtype)
+        device = trainer.strategy.root_device
+        if self.peak_tflops is not None:
+            self.available_flops = self.peak_tflops * 1e12
+        elif device.type == "cuda" and str(trainer.precision).startswith(("bf16", "16")):
+            self.available_flops = dense_peak_flops(torch.cuda.get_device_name(device))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._counts.zero_()
@@ -73,12 +102,14 @@ class ThroughputLogger(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         lengths = batch["sample_lengths"]
+        # Each supervised label is predicted at the position before it: where the LM head has to run.
+        supervised = (batch["labels"] != IGNORE_INDEX).sum()
         counts = torch.stack([
             torch.tensor(len(lengths), dtype=torch.float64, device=lengths.device),
             lengths.sum().double(),
-            (batch["labels"] != IGNORE_INDEX).sum().double(),
+            supervised.double(),
             torch.tensor(batch["input_ids"].numel(), dtype=torch.float64, device=lengths.device),
-            training_flops(pl_module.model.config, pl_module.matmul_parameters, lengths),
+            training_flops(pl_module.model.config, pl_module.matmul_parameters, lengths, supervised),
         ])
         # Summed where the batch lives: no host round trip per micro-batch, only when logging.
         self._counts = self._counts.to(counts.device) + counts
@@ -101,6 +132,8 @@ class ThroughputLogger(Callback):
             "throughput/padding_fraction": 1 - counts["tokens"] / max(counts["slots"], 1),
             "memory/peak_gb": peak_memory_gb(device),
         }
+        if device.type == "cuda":  # what the allocator holds (cached blocks included): what must fit the GPU
+            metrics["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         if self.available_flops:
             metrics["throughput/mfu"] = counts["flops"] / elapsed / (self.available_flops * trainer.world_size)
         if trainer.is_global_zero:
