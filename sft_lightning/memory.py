@@ -9,13 +9,20 @@ values (h hidden, i MLP, kv key/value width: the saved inputs of norms, projecti
 residual stream, with fused attention that keeps no score matrix), calibrated on a measured CPU run; with
 activation checkpointing only each layer's input stays, plus one layer recomputed. The model's parameters are
 counted exactly, from its config on the meta device (no weights loaded).
+
+Sharded runs also hold a working set of gathered weights: FSDP2 keeps the root unit (embeddings, LM head, final
+norm) gathered from forward to backward plus two decoder layers in flight (one computing, one prefetched), in
+the compute dtype; DeepSpeed's ZeRO-3 two 16-bit copies of its largest module, as DeepSpeed's own estimator
+counts. Under mixed precision DeepSpeed keeps 16-bit copies of the weights beside the float32 masters that live
+with the optimizer (18 bytes per parameter in all, as its estimators say); offloading moves masters, float32
+gradients and moments to the host, whose RAM per node is reported (with DeepSpeed's 1.5 buffer factor).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import yaml
@@ -40,6 +47,7 @@ class Sharding:
     offload_weights: bool = False
     offload_optimizer: bool = False
     name: str = "ddp"
+    deepspeed: bool = False  # 16-bit weight copies beside float32 masters; ZeRO-3 gathers module by module
 
 
 SHARDINGS = {
@@ -64,14 +72,21 @@ class MemoryPlan:
     activations_with_checkpointing: float
     logits: float
     checkpointing: bool
+    working_set: float = 0.0  # gathered weights of the units in flight (sharded weights only)
+    host_per_node: float = 0.0  # host RAM that offloading needs on each node
 
     @property
     def state(self) -> float:
         return self.weights + self.gradients + self.optimizer
 
     @property
+    def model_states(self) -> float:
+        """Weights, gradients, optimizer and gathered weights: what DeepSpeed's estimators call model states."""
+        return self.state + self.working_set
+
+    @property
     def total(self) -> float:
-        subtotal = self.state + self.activations + self.logits
+        subtotal = self.model_states + self.activations + self.logits
         return subtotal + OVERHEAD_GB * GB + OVERHEAD_SHARE * subtotal
 
 
@@ -86,20 +101,34 @@ def plan_memory(
     lora=None,
     quantization: Optional[str] = None,
     supervised_share: float = 0.5,
+    nodes: int = 1,
 ) -> MemoryPlan:
     """Bytes per GPU for training a model of ``config`` (a transformers config) this way.
 
     ``weight_bytes``: bytes per stored weight (4 for float32 master weights, 2 for bfloat16); ``tokens_per_gpu``:
-    tokens in one micro-batch on one GPU; ``supervised_share``: share of positions whose logits are kept.
+    tokens in one micro-batch on one GPU; ``supervised_share``: share of positions whose logits are kept;
+    ``nodes``: how many nodes the GPUs are on (for the host RAM of offloading).
     """
-    parameters, trainable = count_parameters(config, as_lora(lora))
+    counts = count_parameters(config, as_lora(lora))
+    parameters, trainable = counts.total, counts.trainable
     frozen = parameters - trainable
     mixed_or_true = 2.0 if ("16" in precision) else 4.0  # bytes of an activation value
     base_bytes = {"4bit": 0.5, "8bit": 1.0}.get(quantization, weight_bytes)
     split = lambda value, sharded: value / gpus if sharded else value  # noqa: E731
-    weights = 0.0 if sharding.offload_weights else split(frozen * base_bytes + trainable * weight_bytes, sharding.weights)
-    gradients = split(trainable * weight_bytes, sharding.gradients)
-    optimizer = 0.0 if sharding.offload_optimizer else split(trainable * 8.0, sharding.optimizer)
+    if sharding.deepspeed and "mixed" in precision:
+        weights, gradients, optimizer, host = _deepspeed_states(trainable, sharding, gpus)
+    else:
+        weights = split(trainable * weight_bytes, sharding.weights)
+        gradients = split(trainable * weight_bytes, sharding.gradients)
+        optimizer = split(trainable * 8.0, sharding.optimizer)
+        host = trainable * (weight_bytes * sharding.offload_weights + 8.0 * sharding.offload_optimizer)
+        weights, optimizer = weights * (not sharding.offload_weights), optimizer * (not sharding.offload_optimizer)
+    weights += 0.0 if sharding.offload_weights else split(frozen * base_bytes, sharding.weights)
+    working_set = 0.0
+    if sharding.weights and sharding.deepspeed:
+        working_set = 2 * 2.0 * counts.largest_module
+    elif sharding.weights:
+        working_set = mixed_or_true * (counts.outside_layers + 2 * counts.largest_layer)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -111,16 +140,58 @@ def plan_memory(
     return MemoryPlan(
         parameters, trainable, gpus, sharding, weights, gradients, optimizer,
         with_checkpointing if checkpointing else without, without, with_checkpointing, logits, checkpointing,
+        working_set, host * DEEPSPEED_BUFFER_FACTOR / nodes,
     )
 
 
-def count_parameters(config, lora=None) -> tuple[int, int]:
-    """(all parameters, trainable ones) of a model built from ``config`` on the meta device."""
+# DeepSpeed's estimators allow this much more host memory than the offloaded states themselves.
+DEEPSPEED_BUFFER_FACTOR = 1.5
+
+
+def _deepspeed_states(trainable: int, sharding: Sharding, gpus: int) -> tuple[float, float, float, float]:
+    """DeepSpeed under mixed precision: (weights, gradients, optimizer) per GPU, and the host bytes of all nodes.
+
+    16-bit weights (sharded by ZeRO-3) beside float32 masters that live with the optimizer (sharded from ZeRO-1
+    on), float32 gradients (from ZeRO-2 on; ZeRO-2 also holds 16-bit gradient partitions, as DeepSpeed counts).
+    Offloading moves masters, float32 gradients and moments (and with the parameters, the 16-bit weights) to the
+    host, one copy over all nodes.
+    """
+    per_gpu = lambda bytes_per_parameter, sharded: bytes_per_parameter * trainable / (gpus if sharded else 1)  # noqa: E731
+    sixteen_bit = per_gpu(2, sharding.weights)
+    masters, moments = per_gpu(4, sharding.optimizer), per_gpu(8, sharding.optimizer)
+    gradients = per_gpu(4, sharding.gradients) + (per_gpu(2, True) if sharding.gradients and not sharding.weights else 0.0)
+    host = 0.0
+    if sharding.offload_optimizer:
+        host += 16.0 * trainable
+        masters = moments = 0.0
+        gradients -= per_gpu(4, sharding.gradients)
+    if sharding.offload_weights:
+        host += 2.0 * trainable
+        sixteen_bit = 0.0
+    return sixteen_bit + masters, gradients, moments, host
+
+
+class ParameterCounts(NamedTuple):
+    total: int
+    trainable: int
+    largest_layer: int  # the largest decoder layer, the unit FSDP2 gathers
+    outside_layers: int  # embeddings, LM head, final norm: FSDP2's root unit
+    largest_module: int  # the most parameters one module holds itself, the unit ZeRO-3 gathers
+
+
+def count_parameters(config, lora=None) -> ParameterCounts:
+    """Parameter counts of a model built from ``config`` on the meta device (trainable: all, or the adapters)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
+    layer_classes = set(model._no_split_modules or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
+    largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
+    largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    counts = ParameterCounts(total, total, largest_layer, total - in_layers, largest_module)
     if lora is None:
-        return total, total
+        return counts
     head = model.get_output_embeddings()
     targets = lora.target_modules
     adapters = 0
@@ -129,7 +200,7 @@ def count_parameters(config, lora=None) -> tuple[int, int]:
             continue
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in ([targets] if isinstance(targets, str) else targets):
             adapters += lora.r * (module.in_features + module.out_features)
-    return total + adapters, adapters
+    return counts._replace(total=total + adapters, trainable=adapters)
 
 
 def model_config(path: str, trust_remote_code: bool = False):
@@ -150,7 +221,7 @@ def sharding_of(strategy) -> Sharding:
         if strategy.startswith("deepspeed_stage_"):
             stage = int(strategy.split("_")[2])
             offload = strategy.endswith("offload")
-            return _zero(stage, offload_optimizer=offload, offload_weights=offload and stage == 3)
+            return _zero(stage, offload_optimizer=offload, offload_weights=offload and stage == 3, deepspeed=True)
         if strategy == "fsdp":
             return SHARDINGS["zero3"]
         raise ConfigError(f"trainer.strategy={strategy!r}: the planner knows ddp, fsdp and deepspeed_stage_N[_offload]")
@@ -163,14 +234,17 @@ def sharding_of(strategy) -> Sharding:
     if name == "FSDP2Strategy":  # layers kept gathered from forward to backward hold like ZeRO-2
         return SHARDINGS["zero3"] if args.get("reshard_after_forward", True) else SHARDINGS["zero2"]
     if name == "DeepSpeedStrategy":
-        return _zero(int(args.get("stage", 2)), bool(args.get("offload_optimizer")), bool(args.get("offload_parameters")))
+        return _zero(int(args.get("stage", 2)), bool(args.get("offload_optimizer")), bool(args.get("offload_parameters")), True)
     return SHARDINGS["ddp"]
 
 
-def _zero(stage: int, offload_optimizer: bool = False, offload_weights: bool = False) -> Sharding:
+def _zero(stage: int, offload_optimizer: bool = False, offload_weights: bool = False, deepspeed: bool = False) -> Sharding:
     base = SHARDINGS[f"zero{stage}"] if stage else SHARDINGS["ddp"]
-    suffix = " + CPU offload" if offload_optimizer or offload_weights else ""
-    return Sharding(base.weights, base.gradients, base.optimizer, offload_weights, offload_optimizer, base.name + suffix)
+    name = base.name.split(" / ")[0] if deepspeed else base.name
+    offloaded = " and parameters" if offload_weights else ""
+    suffix = f" + optimizer{offloaded} offloaded" if offload_optimizer else " + parameters offloaded" if offload_weights else ""
+    return Sharding(base.weights, base.gradients, base.optimizer, offload_weights, offload_optimizer,
+                    ("DeepSpeed " if deepspeed else "") + name + suffix, deepspeed)
 
 
 def estimate(config: str, gpus: Optional[int] = None, gpu_memory_gb: float = 80.0) -> None:
@@ -181,6 +255,12 @@ def estimate(config: str, gpus: Optional[int] = None, gpu_memory_gb: float = 80.
         gpus: GPUs in all (default: ``trainer.devices x trainer.num_nodes`` of the config).
         gpu_memory_gb: memory of one GPU, to say whether the plan fits.
     """
+    plan, name, precision = plan_of_config(config, gpus)
+    print(format_plan(plan, name, precision, gpu_memory_gb))
+
+
+def plan_of_config(config: str, gpus: Optional[int] = None) -> tuple[MemoryPlan, str, str]:
+    """(plan, model name, precision) of a ``fit`` config file."""
     raw = yaml.safe_load(Path(config).read_text())
     trainer, model, data = raw.get("trainer", {}), raw.get("model", {}), raw.get("data", {})
     if gpus is None:
@@ -192,18 +272,20 @@ def estimate(config: str, gpus: Optional[int] = None, gpu_memory_gb: float = 80.
     activation_checkpointing = bool(model.get("gradient_checkpointing")) or (
         isinstance(strategy, dict) and bool(strategy.get("init_args", {}).get("activation_checkpointing_policy"))
     )
+    precision = str(trainer.get("precision", "32-true"))
     plan = plan_memory(
         model_config(model["model_name_or_path"], model.get("trust_remote_code", False)),
         gpus,
         sharding_of(strategy),
-        precision=str(trainer.get("precision", "32-true")),
+        precision=precision,
         weight_bytes=2.0 if model.get("torch_dtype") in ("bfloat16", "float16") else 4.0,
         tokens_per_gpu=data.get("batch_size", 8) * data.get("max_length", 2048),
         checkpointing=activation_checkpointing,
         lora=model.get("lora"),
         quantization=model.get("quantization"),
+        nodes=trainer.get("num_nodes", 1),
     )
-    print(format_plan(plan, model["model_name_or_path"], trainer.get("precision", "32-true"), gpu_memory_gb))
+    return plan, model["model_name_or_path"], precision
 
 
 def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: float) -> str:
@@ -215,12 +297,15 @@ def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: floa
         f"  weights                              {gb(plan.weights)}",
         f"  gradients                            {gb(plan.gradients)}",
         f"  optimizer (AdamW moments)            {gb(plan.optimizer)}",
+        f"  gathered weights in flight           {gb(plan.working_set)}",
         f"  activations, checkpointing on        {gb(plan.activations_with_checkpointing)}",
         f"  activations, checkpointing off       {gb(plan.activations_without_checkpointing)}",
         f"  logits (supervised positions)        {gb(plan.logits)}",
-        f"  overhead ({OVERHEAD_GB} GB + {OVERHEAD_SHARE:.0%})              {gb(plan.total - plan.state - plan.activations - plan.logits)}",
+        f"  overhead ({OVERHEAD_GB} GB + {OVERHEAD_SHARE:.0%})              {gb(plan.total - plan.model_states - plan.activations - plan.logits)}",
         f"  total per GPU ({chosen} checkpointing) {gb(plan.total)}",
     ]
+    if plan.host_per_node:
+        lines.append(f"  host RAM per node for offloading     {gb(plan.host_per_node)}")
     fits = plan.total <= gpu_memory_gb * GB
     verdict = "fits" if fits else "does NOT fit"
     lines.append(f"  {verdict} a {gpu_memory_gb:g} GB GPU ({plan.total / (gpu_memory_gb * GB):.0%} of it)")

@@ -10,7 +10,7 @@ import yaml
 from sft_lightning.adapters import LoRA
 from sft_lightning.cli import cli_main
 from sft_lightning.export import load_checkpoint_module
-from sft_lightning.memory import GB, SHARDINGS, model_config, plan_memory, sharding_of
+from sft_lightning.memory import GB, SHARDINGS, count_parameters, model_config, plan_memory, plan_of_config, sharding_of
 from sft_lightning.module import SFTLitModule
 from tests.conftest import ROOT, TINY_QWEN
 
@@ -60,7 +60,7 @@ def test_activation_checkpointing_keeps_one_layer_input_each():
 
 def test_strategies_are_read_from_configs():
     assert sharding_of("ddp") == SHARDINGS["ddp"]
-    assert sharding_of("deepspeed_stage_2").name == "ZeRO-2 / SHARD_GRAD_OP"
+    assert sharding_of("deepspeed_stage_2").name == "DeepSpeed ZeRO-2"
     offload = sharding_of("deepspeed_stage_3_offload")
     assert offload.offload_optimizer and offload.offload_weights
     fsdp = yaml.safe_load((ROOT / "configs" / "llama3-8b.yaml").read_text())["trainer"]["strategy"]
@@ -94,3 +94,24 @@ def test_fsdp_sharded_checkpoint_exports_to_one_folder(tmp_path):
         torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0)
     cli_main(["export", f"--ckpt_path={folder}", f"--output_dir={tmp_path / 'hf'}"])
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+ESTIMATOR_PRESETS = ["qwen2.5-7b", "qwen2.5-7b-deepspeed", "llama3-8b", "llama3-8b-deepspeed", "qwen2.5-72b",
+                     "qwen2.5-72b-deepspeed", "llama3-70b", "llama3-70b-deepspeed"]
+
+
+@pytest.mark.parametrize("preset", ESTIMATOR_PRESETS)
+def test_model_states_within_10_percent_of_deepspeeds_estimator(preset):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    path = ROOT / "configs" / f"{preset}.yaml"
+    plan, name, _ = plan_of_config(str(path))
+    trainer = yaml.safe_load(path.read_text())["trainer"]
+    counts = count_parameters(model_config(name))
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        counts.total, counts.largest_module, num_gpus_per_node=trainer["devices"], num_nodes=trainer.get("num_nodes", 1),
+        cpu_offload=plan.sharding.offload_optimizer, cpu_offload_params=plan.sharding.offload_weights,
+    )
+    assert plan.model_states == pytest.approx(gpu, rel=0.10)
+    if plan.sharding.offload_optimizer:  # the host RAM per node that offloading needs, as DeepSpeed counts it
+        assert plan.host_per_node == pytest.approx(cpu, rel=0.10)
