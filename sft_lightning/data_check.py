@@ -67,7 +67,7 @@ def check(
         console.print(highlighted(tokenized, index, tokenizer))
         console.print()
     console.print(statistics(tokenized, data, split, read_records(tokenized.path, fmt=data.hparams.format)))
-    outcomes = [Outcome("renders and masks with the chat template", "pass", "prefix-stable, end-of-turn is a special token")]
+    outcomes = [Outcome("renders and masks with the chat template", "pass", "every turn after its inference prompt, closed by a special end-of-turn token")]
     outcomes += checks(tokenized, tokenizer, eot, model_path, data.hparams.max_length)
     outcomes += thresholds(tokenized, max_truncated_fraction, max_dropped_fraction)
     _report(console, outcomes)

@@ -4,18 +4,18 @@ Pure functions on a tokenizer, no model and no Lightning. One path serves traini
 prediction, chat and export, so the text a model is trained on and the text it is prompted with at
 inference can never drift apart.
 
-Masking works with any template, with or without ``{% generation %}`` markers: the whole conversation is
-rendered and tokenised once (so the ids equal ``apply_chat_template``), and each assistant turn is located
-by rendering the conversation before it with ``add_generation_prompt=True``; the supervised span runs from
-the end of that prompt up to and including the special token that closes the turn. A template for which
-this is not well defined raises :class:`TemplateError` rather than producing a silent all-zero mask.
+Masking works with any template, with or without ``{% generation %}`` markers: each assistant turn is found by
+rendering the conversation before it with ``add_generation_prompt=True`` (the inference prompt) and the
+conversation up to it; the supervised span is what follows the prompt up to and including the special token
+that closes the turn (see :func:`training_samples`). A template for which this is not well defined raises
+:class:`TemplateError` rather than producing a silent all-zero mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -66,82 +66,146 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The template's text for ``messages``. A template without a system role (Gemma 2) gets the system message
+    merged into the first user turn, as such models are prompted (see :func:`merge_system_message`)."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja raises whatever the template author chose
+        merged = merge_system_message(messages)
+        if merged is not messages:
+            try:
+                return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=add_generation_prompt)
+            except Exception:
+                pass
         raise TemplateError(f"the chat template failed to render: {err}") from None
 
 
+def merge_system_message(messages: list[dict]) -> list[dict]:
+    """A leading system message as the start of the first user turn (``system + "\n\n" + user``); the same list
+    when there is nothing to merge."""
+    if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+        return messages
+    first_user = {**messages[1], "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first_user, *messages[2:]]
+
+
 def render_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of a conversation that ends with a user turn, followed by the assistant generation prompt."""
-    text = render_text(tokenizer, messages, add_generation_prompt=True)
+    """Ids of a conversation that ends with a user turn, followed by the assistant generation prompt: exactly what
+    ``generate`` is given at inference, and the start of the training ids of the turn that follows."""
+    return _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=True))
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render_conversation(
+def training_samples(
     messages: list[dict],
     tokenizer: PreTrainedTokenizerBase,
     train_on: TrainOn = "assistant",
     max_length: int | None = None,
-) -> RenderedSample:
-    """Token ids of the whole conversation and labels that supervise only what ``train_on`` selects.
+) -> list[RenderedSample]:
+    """The samples ``fit`` trains on for one conversation (``data check`` shows the same).
 
-    ``assistant``: each assistant message's content and the end-of-turn token closing it;
-    ``last``: the same for the final assistant message only; ``all``: every token but the first, which
-    nothing precedes. Conversations longer than ``max_length`` keep their first ``max_length`` tokens.
+    Each assistant turn is trained on exactly what the model sees at inference: its prompt is the template's own
+    rendering of the messages before it with ``add_generation_prompt=True``, tokenised on its own as ``generate``
+    gets it, followed by what the template renders for the turn up to and including its end-of-turn token
+    (a ``<think>`` block the template renders for the turn included). Where every turn's prompt and answer are
+    the start of the next turn's prompt, token for token (ChatML, Llama 3, Mistral), the conversation is one
+    sample with every turn trained; where the template rewrites earlier turns (Qwen3 and DeepSeek-R1 drop
+    earlier reasoning) or a boundary tokenises differently inside a longer text, each assistant turn becomes a
+    sample of its own. ``train_on``: ``assistant`` every assistant turn, ``last`` the final one, ``all`` every
+    token of the whole rendered conversation but the first. Samples longer than ``max_length`` keep their first
+    ``max_length`` tokens.
     """
-    text = render_text(tokenizer, messages, add_generation_prompt=False)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     if train_on == "all":
-        labels = [IGNORE_INDEX] + input_ids[1:]
-    else:
-        labels = [IGNORE_INDEX] * len(input_ids)
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        specials = _special_token_ids(tokenizer)
-        for turn in turns[-1:] if train_on == "last" else turns:
-            first, last = _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets, specials)
-            labels[first : last + 1] = input_ids[first : last + 1]
-    truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return RenderedSample(input_ids, labels, truncated)
+        ids = _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=False))
+        return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = turns[-1:] if train_on == "last" else turns
+    specials = _special_tokens(tokenizer)
+    parts = [_turn(messages, turn, tokenizer, specials) for turn in turns]
+    if not _one_sample(parts):
+        return [_cut(part.prompt + part.answer, [IGNORE_INDEX] * len(part.prompt) + part.answer, max_length) for part in parts]
+    last = parts[-1]
+    ids, labels = last.prompt + last.answer, [IGNORE_INDEX] * len(last.prompt) + last.answer
+    for part in parts[:-1]:
+        labels[len(part.prompt) : len(part.prompt) + len(part.answer)] = part.answer
+    # What the template renders after the last trained turn (a newline, later turns), never trained: with it the
+    # ids equal apply_chat_template of the whole conversation.
+    whole = render_text(tokenizer, messages, add_generation_prompt=False)
+    if whole.startswith(last.text):
+        tail = _tokens(tokenizer, whole[len(last.text) :])
+        ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
+    return [_cut(ids, labels, max_length)]
 
 
-def _assistant_token_span(messages, turn, tokenizer, text, input_ids, offsets, specials) -> tuple[int, int]:
-    """Indices of the first and last supervised token of assistant message ``turn``."""
+class _Turn(NamedTuple):
+    prompt: list[int]  # the inference prompt's ids
+    answer: list[int]  # the trained ids, up to and including the end-of-turn token
+    text: str  # the text that prompt and answer render
+
+
+def _one_sample(parts: list[_Turn]) -> bool:
+    """Whether each turn's prompt and answer ids start the next turn's prompt ids."""
+    return all(
+        later.prompt[: len(part.prompt) + len(part.answer)] == part.prompt + part.answer
+        for part, later in zip(parts, parts[1:])
+    )
+
+
+def _cut(ids: list[int], labels: list[int], max_length: int | None) -> RenderedSample:
+    truncated = max_length is not None and len(ids) > max_length
+    return RenderedSample(ids[:max_length], labels[:max_length], truncated) if truncated else RenderedSample(ids, labels)
+
+
+def _turn(messages, turn: int, tokenizer, specials: dict[str, int]) -> _Turn:
+    """The inference prompt and the trained answer of assistant message ``turn``."""
+    content = messages[turn]["content"]
+    inside = next((token for token in specials if token in content), None)
+    if inside is not None:
+        raise TemplateError(
+            f"message {turn + 1} contains the text of the special token {inside!r}, which the tokenizer would read as "
+            "the token itself (and end the turn there): remove or escape it in the data"
+        )
     prompt = render_text(tokenizer, messages[:turn], add_generation_prompt=True)
-    if prompt == render_text(tokenizer, messages[:turn], add_generation_prompt=False):
-        raise TemplateError("the chat template ignores add_generation_prompt, so the assistant header cannot be told apart")
-    if not text.startswith(prompt):
+    whole = render_text(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+    if not whole.startswith(prompt):
         raise TemplateError(
-            f"the chat template is not prefix-stable: the prompt before message {turn + 1} renders differently "
-            "inside the whole conversation"
+            f"the chat template renders message {turn + 1} differently from its own generation prompt (the prompt "
+            f"ends {prompt[-40:]!r}, the rendered turn {whole[len(prompt) - 40 : len(prompt)]!r})"
         )
-    start = len(prompt)
-    # A token straddling the prompt boundary carries content characters, so it is trained.
-    first = next((t for t, (_, end) in enumerate(offsets) if end > start), None)
-    last = next((t for t in range(first or 0, len(input_ids)) if input_ids[t] in specials), None)
-    if first is None or last is None:
+    answer_text = whole[len(prompt) :]
+    encoding = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
+    answer, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    end = next((t for t, token_id in enumerate(answer) if token_id in specials.values()), None)
+    if end is None:
         raise TemplateError(f"the assistant message {turn + 1} is not closed by a special end-of-turn token")
-    rendered = text[start : offsets[last][0]]
-    if rendered.strip() != messages[turn]["content"].strip():
+    rendered = answer_text[: offsets[end][0]]
+    if end == 0 and content.strip():
         raise TemplateError(
-            f"the chat template renders more than the content between the generation prompt and the "
-            f"end-of-turn token of message {turn + 1}: {rendered[:80]!r}"
+            f"the chat template renders the assistant header with message {turn + 1} ({answer_text[:40]!r}), not in "
+            "its generation prompt (add_generation_prompt adds nothing), so the model would have to write its own header"
         )
-    return first, last
+    if content.strip() and not rendered.rstrip().endswith(content.strip()):
+        raise TemplateError(
+            f"the chat template renders more than the content between the generation prompt and the end-of-turn "
+            f"token of message {turn + 1}: {rendered[:80]!r}"
+        )
+    return _Turn(_tokens(tokenizer, prompt), answer[: end + 1], prompt + answer_text[: offsets[end][1]])
 
 
-def _special_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    added = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return added | set(tokenizer.all_special_ids)
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Special token text -> id: the tokens that may end a turn."""
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens} | {
+        token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
 
 
 def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token that closes an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ...), found by masking a probe."""
     probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    labels = render_conversation(probe, tokenizer).labels
+    labels = training_samples(probe, tokenizer)[0].labels
     return [label for label in labels if label != IGNORE_INDEX][-1]
 
 

@@ -30,7 +30,7 @@ from sft_lightning import formats, records, render
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.records import Record, read_records
-from sft_lightning.render import IGNORE_INDEX, RenderedSample, TrainOn, render_conversation
+from sft_lightning.render import IGNORE_INDEX, RenderedSample, TrainOn, training_samples
 
 ARRAYS = ("input_ids", "labels", "offsets")
 # Below this many conversations worker start-up costs more than it saves.
@@ -49,6 +49,7 @@ class TokenizedSplit:
     read: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    expanded: int = 0  # conversations trained turn by turn (one sample per assistant turn)
     from_cache: bool = False
 
     def __len__(self) -> int:
@@ -76,14 +77,23 @@ class TokenizedSplit:
         why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items()) or "none"
         return (
             f"{name} ({self.path}{', cached' if self.from_cache else ''}): {self.read} conversations read, "
-            f"{sum(self.dropped.values())} dropped ({why}), {self.truncated} truncated, {len(self)} kept, "
+            f"{sum(self.dropped.values())} dropped ({why}), {self.truncated} truncated, {len(self)} kept"
+            f"{self._expansion}, "
             f"{sum(self.supervised_tokens)} supervised tokens, mean length {len(self.input_ids) / max(len(self), 1):.1f} tokens"
         )
+
+    @property
+    def _expansion(self) -> str:
+        if not self.expanded:
+            return ""
+        return (f" ({self.expanded} conversations as one sample per assistant turn: their earlier turns render or "
+                "tokenise differently inside later prompts)")
 
     def save(self, folder: Path) -> None:
         for name in ARRAYS:
             np.save(folder / f"{name}.npy", getattr(self, name))
-        meta = {"path": self.path, "read": self.read, "truncated": self.truncated, "dropped": self.dropped}
+        meta = {"path": self.path, "read": self.read, "truncated": self.truncated, "dropped": self.dropped,
+                "expanded": self.expanded}
         (folder / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -182,6 +192,7 @@ def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[
         read=len(conversations) + sum((skipped or {}).values()),
         truncated=sum(chunk.truncated for chunk in rendered),
         dropped=dict(dropped),
+        expanded=sum(chunk.expanded for chunk in rendered),
     )
 
 
@@ -194,6 +205,7 @@ class RenderedChunk(NamedTuple):
     read: int
     truncated: int
     dropped: Counter  # by reason
+    expanded: int  # conversations that gave one sample per assistant turn
 
 
 _worker: dict = {}
@@ -205,25 +217,26 @@ def _set_worker_tokenizer(tokenizer, settings: RenderSettings) -> None:
 
 def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     settings: RenderSettings = _worker["settings"]
-    kept, truncated, dropped = [], 0, Counter()
+    kept, truncated, dropped, expanded = [], 0, Counter(), 0
     for record in chunk:
         try:
-            sample = render_conversation(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length)
+            samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length)
         except TemplateError as err:
             if not settings.skip_invalid:
                 raise DataError(f"{record.location}: {err}") from None
             dropped[str(err)] += 1
             continue
-        truncated += sample.truncated
-        if sample.supervised_tokens:
-            kept.append(sample)
-        else:
+        expanded += len(samples) > 1
+        truncated += any(sample.truncated for sample in samples)
+        trained = [sample for sample in samples if sample.supervised_tokens]
+        kept.extend(trained)
+        if not trained:
             dropped["with no supervised token left after truncation"] += 1
     return RenderedChunk(
         np.array([t for s in kept for t in s.input_ids], np.int32),
         np.array([t for s in kept for t in s.labels], np.int32),
         np.array([len(s.input_ids) for s in kept], np.int64),
-        len(chunk), truncated, dropped,
+        len(chunk), truncated, dropped, expanded,
     )
 
 

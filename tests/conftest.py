@@ -24,9 +24,12 @@ LLAMA3_TEMPLATE = (
 WORDS = ["\n", "system", "user", "assistant", "be", "brief", "hi", "hello", "how", "are", "you", "fine", "thanks", "bye"]
 
 
-def word_tokenizer(specials: list[str], template: str | None = None, **roles: str) -> PreTrainedTokenizerFast:
-    """One token per word, per newline and per special token, so expected ids can be written by name."""
-    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+def word_tokenizer(
+    specials: list[str], template: str | None = None, words: tuple[str, ...] = (), **roles: str
+) -> PreTrainedTokenizerFast:
+    """One token per word, per newline and per special token, so expected ids can be written by name; ``words``
+    adds ordinary (non-special) words to the vocabulary."""
+    vocab = {token: i for i, token in enumerate(specials + WORDS + list(words))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex("\n"), "isolated"), pre_tokenizers.Split(Regex(" "), "removed")]

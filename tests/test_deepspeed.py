@@ -103,3 +103,35 @@ def test_nonfinite_skipping_follows_deepspeeds_own_overflow_check():
     assert not skips_nonfinite_steps(zero(3, bf16={"enabled": True}))  # ZeRO-3 checks fp16 only: the run stops
     assert skips_nonfinite_steps(zero(3, fp16={"enabled": True}))
     assert not skips_nonfinite_steps(zero(2))  # fp32
+
+
+ZERO3_BF16_LOAD = """
+import json, os, sys
+import torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from sft_lightning.zero import float32_rotary_buffers, zero3_loading
+import deepspeed
+from transformers import AutoModelForCausalLM
+deepspeed.init_distributed("gloo")
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+keep = zero3_loading(config)
+with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning's model_sharded_context
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+before = str(model.model.rotary_emb.inv_freq.dtype)
+rebuilt = float32_rotary_buffers(model)
+reference = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    loaded = all(torch.equal(p, r.to(p.dtype)) for p, r in zip(model.parameters(), reference.parameters()))
+print(json.dumps({"before": before, "rebuilt": rebuilt, "loaded": loaded,
+                  "exact": torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)}))
+"""
+
+
+def test_zero3_bf16_loads_pretrained_partitions_and_rebuilds_rope_in_float32():
+    # In its own process: deepspeed.init_distributed would leave a process group behind in this one.
+    result = subprocess.run([sys.executable, "-c", ZERO3_BF16_LOAD, TINY_QWEN, "29541"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["before"] == "torch.bfloat16"  # what zero.Init makes of it
+    assert record == {"before": "torch.bfloat16", "rebuilt": 1, "loaded": True, "exact": True}

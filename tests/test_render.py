@@ -1,5 +1,7 @@
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from sft_lightning.collate import collate_training
 from sft_lightning.errors import TemplateError
@@ -7,11 +9,11 @@ from sft_lightning.render import (
     CHATML_TEMPLATE,
     end_of_turn_token_id,
     load_tokenizer,
-    render_conversation,
     render_prompt,
+    training_samples,
 )
 from tests.conftest import CHATML_TEMPLATE as TEST_CHATML
-from tests.conftest import TINY_LLAMA, TINY_QWEN, names, word_tokenizer
+from tests.conftest import TINY_LLAMA, TINY_QWEN, WORDS, names, word_tokenizer
 
 SINGLE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 MULTI = [
@@ -25,8 +27,14 @@ S, E, N = "<|im_start|>", "<|im_end|>", "\n"
 H0, H1, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
 
 
+def one_sample(messages, tokenizer, **kwargs):
+    samples = training_samples(messages, tokenizer, **kwargs)
+    assert len(samples) == 1
+    return samples[0]
+
+
 def render(tokenizer, messages, **kwargs):
-    sample = render_conversation(messages, tokenizer, **kwargs)
+    sample = one_sample(messages, tokenizer, **kwargs)
     assert sample.input_ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"][: len(sample.input_ids)]
     return names(tokenizer, sample.input_ids), names(tokenizer, sample.labels), sample
 
@@ -82,8 +90,8 @@ def test_truncation_keeps_the_head_and_its_labels(chatml_tokenizer):
 
 def test_pad_equal_to_eos_keeps_the_real_end_of_turn_trained():
     tokenizer = word_tokenizer(["<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE, pad_token="<|im_end|>", eos_token="<|im_end|>")
-    long = render_conversation(MULTI, tokenizer)
-    short = render_conversation(SINGLE, tokenizer)
+    long = one_sample(MULTI, tokenizer)
+    short = one_sample(SINGLE, tokenizer)
     batch = collate_training([long.input_ids, short.input_ids], [long.labels, short.labels], tokenizer.pad_token_id)
     eot = tokenizer.convert_tokens_to_ids(E)
     assert names(tokenizer, batch["labels"][1].tolist()) == [None] * 9 + ["hello", E] + [None] * 23
@@ -96,7 +104,7 @@ def test_template_without_generation_prompt_is_refused():
     ignores_prompt = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}{% endfor %}"
     tokenizer = word_tokenizer(["<pad>", "<|im_start|>", "<|im_end|>"], ignores_prompt, pad_token="<pad>")
     with pytest.raises(TemplateError, match="add_generation_prompt"):
-        render_conversation(SINGLE, tokenizer)
+        one_sample(SINGLE, tokenizer)
 
 
 def test_template_without_special_end_of_turn_is_refused():
@@ -106,14 +114,14 @@ def test_template_without_special_end_of_turn_is_refused():
     )
     tokenizer = word_tokenizer(["<pad>"], plain, pad_token="<pad>")
     with pytest.raises(TemplateError, match="end-of-turn"):
-        render_conversation(SINGLE, tokenizer)
+        one_sample(SINGLE, tokenizer)
 
 
 def test_template_that_injects_text_into_the_answer_is_refused():
     injects = TEST_CHATML.replace("m['content'] + '<|im_end|>", "m['content'] + ' bye<|im_end|>")
     tokenizer = word_tokenizer(["<pad>", "<|im_start|>", "<|im_end|>"], injects, pad_token="<pad>")
     with pytest.raises(TemplateError, match="renders more than the content"):
-        render_conversation(SINGLE, tokenizer)
+        one_sample(SINGLE, tokenizer)
 
 
 def test_tokenizer_without_template_falls_back_to_chatml(tmp_path):
@@ -130,7 +138,7 @@ def test_tokenizer_without_template_falls_back_to_chatml(tmp_path):
 def test_shipped_tokenizers_match_apply_chat_template(path, stop):
     tokenizer = load_tokenizer(path)
     messages = [{"role": "system", "content": "Be brief!"}] + MULTI[1:]
-    sample = render_conversation(messages, tokenizer)
+    sample = one_sample(messages, tokenizer)
     assert sample.input_ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
     supervised = tokenizer.decode([t for t in sample.labels if t != -100])
     assert supervised == f"hello{stop}fine thanks{stop}"
@@ -138,3 +146,95 @@ def test_shipped_tokenizers_match_apply_chat_template(path, stop):
     prompt = render_prompt(messages[:4], tokenizer)
     assert prompt == tokenizer.apply_chat_template(messages[:4], add_generation_prompt=True)["input_ids"]
     assert sample.input_ids[: len(prompt)] == prompt  # training and inference see the same prefix
+
+
+# A Qwen3-like template: the assistant turns after the last user message carry a <think> block (reasoning_content,
+# or empty); earlier assistant turns are rendered without it, so the history is rewritten from turn to turn.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' and loop.index0 > ns.last_user -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + (m.get('reasoning_content') or '') + '\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+T0, T1 = "<think>", "</think>"
+
+
+def test_history_rewriting_template_trains_each_turn_as_inference_sees_it():
+    tokenizer = word_tokenizer(["<pad>", S, E], QWEN3_LIKE, words=(T0, T1), pad_token="<pad>", eos_token=E)
+    messages = MULTI[:-1] + [{**MULTI[-1], "reasoning_content": "be brief"}]
+    first, second = training_samples(messages, tokenizer)
+    history = [S, "system", N, "be", "brief", E, N, S, "user", N, "hi", E, N]
+    assert names(tokenizer, first.input_ids) == history + [S, "assistant", N, T0, N, N, T1, N, N, "hello", E]
+    assert names(tokenizer, first.labels) == [None] * 16 + [T0, N, N, T1, N, N, "hello", E]
+    # In the second turn's prompt the first answer has lost its <think> block, as at inference.
+    prompt = history + [S, "assistant", N, "hello", E, N, S, "user", N, "how", "are", "you", E, N, S, "assistant", N]
+    answer = [T0, N, "be", "brief", N, T1, N, N, "fine", "thanks", E]
+    assert names(tokenizer, second.input_ids) == prompt + answer
+    assert names(tokenizer, second.labels) == [None] * len(prompt) + answer
+    assert second.input_ids[: len(prompt)] == render_prompt(messages[:4], tokenizer)
+    [last] = training_samples(messages, tokenizer, train_on="last")
+    assert names(tokenizer, last.labels) == names(tokenizer, second.labels) + [None]  # and the newline after it
+
+
+MISTRAL_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def test_template_that_ignores_the_generation_prompt_trains_up_to_its_closing_token():
+    tokenizer = word_tokenizer(["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], MISTRAL_LIKE, bos_token="<s>", eos_token="</s>")
+    tokens, labels, _ = render(tokenizer, MULTI[1:])
+    assert tokens == ["<s>", "[INST]", "hi", "[/INST]", "hello", "</s>", "[INST]", "how", "are", "you", "[/INST]", "fine", "thanks", "</s>"]
+    assert labels == [None] * 4 + ["hello", "</s>"] + [None] * 5 + ["fine", "thanks", "</s>"]
+
+
+GEMMA2_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' + m['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn():
+    specials = ["<pad>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = word_tokenizer(specials, GEMMA2_LIKE, words=("model",), pad_token="<pad>", bos_token="<bos>")
+    B, O = "<start_of_turn>", "<end_of_turn>"
+    sample = one_sample(MULTI, tokenizer)
+    tokens, labels = names(tokenizer, sample.input_ids), names(tokenizer, sample.labels)
+    assert tokens == [
+        "<bos>", B, "user", N, "be", "brief", N, N, "hi", O, N, B, "model", N, "hello", O, N,
+        B, "user", N, "how", "are", "you", O, N, B, "model", N, "fine", "thanks", O, N,
+    ]
+    assert labels == [None] * 14 + ["hello", O] + [None] * 12 + ["fine", "thanks", O, None]
+    assert render_prompt(MULTI[:2], tokenizer) == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "be brief\n\nhi"}], add_generation_prompt=True)["input_ids"]  # chat and predict too
+
+
+def test_special_token_text_in_content_is_named():
+    tokenizer = word_tokenizer(["<pad>", S, E], TEST_CHATML, pad_token="<pad>", eos_token=E)
+    with pytest.raises(TemplateError, match="message 2 contains the text of the special token '<|im_end|>'"):
+        training_samples([SINGLE[0], {"role": "assistant", "content": "hello <|im_end|> bye"}], tokenizer)
+
+
+def test_a_token_merging_across_the_prompt_boundary_never_enters_the_prompt():
+    # "\n\n" is one token here: an answer that starts with a newline merges with the header's newline when the
+    # whole conversation is tokenised at once, but generate() is given the header alone.
+    vocab = {token: i for i, token in enumerate(["<pad>", S, E, "\n", "\n\n", *WORDS[1:]])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("\n+"), "isolated"), pre_tokenizers.Split(Regex(" "), "removed")]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, additional_special_tokens=[S, E], pad_token="<pad>",
+                                        chat_template=TEST_CHATML)
+    messages = [SINGLE[0], {"role": "assistant", "content": "\nhello"}, MULTI[3], MULTI[4]]
+    first, second = training_samples(messages, tokenizer)  # one sample would put "\n\n" in the second prompt
+    prompt = render_prompt(messages[:1], tokenizer)
+    assert first.input_ids[: len(prompt)] == prompt and names(tokenizer, prompt)[-1] == N
+    assert names(tokenizer, first.labels) == [None] * len(prompt) + [N, "hello", E]
+    later = render_prompt(messages[:3], tokenizer)
+    assert "\n\n" in names(tokenizer, later) and second.input_ids[: len(later)] == later

@@ -7,7 +7,7 @@ import pytest
 
 from sft_lightning import tokenized
 from sft_lightning.datamodule import ChatMLDataModule
-from sft_lightning.render import load_tokenizer, render_conversation
+from sft_lightning.render import load_tokenizer, training_samples
 from sft_lightning.tokenized import RenderSettings, tokenize_split
 from tests.conftest import ROOT, TINY_QWEN
 
@@ -24,11 +24,11 @@ def test_split_arrays_equal_rendering_each_conversation(tokenizer):
     conversations = json.load(open(DATA))
     assert len(split) == split.read == len(conversations)
     for index in (0, 7, len(split) - 1):
-        expected = render_conversation(conversations[index]["messages"], tokenizer, "assistant", 64)
+        [expected] = training_samples(conversations[index]["messages"], tokenizer, "assistant", 64)
         ids, labels = split.sample(index)
         assert ids.tolist() == expected.input_ids and labels.tolist() == expected.labels
         assert split.supervised_tokens[index] == expected.supervised_tokens
-    assert split.truncated == sum(len(render_conversation(c["messages"], tokenizer).input_ids) > 64 for c in conversations)
+    assert split.truncated == sum(len(training_samples(c["messages"], tokenizer)[0].input_ids) > 64 for c in conversations)
 
 
 def test_second_run_reads_the_cache_without_tokenising(tokenizer, tmp_path, monkeypatch):
@@ -38,7 +38,7 @@ def test_second_run_reads_the_cache_without_tokenising(tokenizer, tmp_path, monk
     def no_rendering(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(tokenized, "render_conversation", no_rendering)
+    monkeypatch.setattr(tokenized, "training_samples", no_rendering)
     second = ChatMLDataModule(train_path=DATA, tokenizer_path=TINY_QWEN, max_length=256, cache_dir=str(tmp_path))
     second.setup("fit")
     cached = second.splits["train"]
