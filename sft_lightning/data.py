@@ -112,6 +112,6 @@ def convert(input_path: str, output_path: str, from_format: Format = "auto", on_
     """
     skipped = Counter() if on_invalid == "skip" else None
     records = read_records(input_path, skipped=skipped, fmt=from_format)
-    save_chatml_data(({"messages": r.messages} for r in records), output_path)
+    save_chatml_data(({"messages": r.messages, **({"tools": r.tools} if r.tools else {})} for r in records), output_path)
     left_out = f", skipped {sum(skipped.values())} ({', '.join(f'{n} {why}' for why, n in skipped.items())})" if skipped else ""
     print(f"converted {len(records)} conversations from {input_path} to {output_path}{left_out}")

@@ -101,7 +101,8 @@ def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
         ("conversations", f"{tokenized.read} read, {len(tokenized)} kept"),
         ("dropped", ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items()) or "none"),
         ("truncated at max_length", f"{tokenized.truncated} ({tokenized.truncated / max(tokenized.read, 1):.1%})"),
-        ("turns", f"{turns['user']} user, {turns['assistant']} assistant, {turns['system']} system"),
+        ("turns", f"{turns['user']} user, {turns['assistant']} assistant, {turns['system']} system"
+                  + (f", {turns['tool']} tool" if turns["tool"] else "")),
         ("tokens", f"{int(lengths.sum())} (mean {lengths.mean():.1f})"),
         ("length p50 / p90 / p99 / max", " / ".join(str(int(np.percentile(lengths, q))) for q in (50, 90, 99, 100))),
         ("supervised tokens", f"{supervised} ({supervised / lengths.sum():.1%} of all tokens)"),

@@ -59,10 +59,10 @@ class PromptDataset(Dataset):
         self.prompts = []
         for record in self.records:
             shown = prompt_messages(record.messages)
-            if shown[-1]["role"] != "user":
-                raise DataError(f"{record.location}: a prediction input must end with a user turn")
+            if shown[-1]["role"] not in ("user", "tool"):
+                raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
             try:
-                self.prompts.append(render_prompt(shown, tokenizer))
+                self.prompts.append(render_prompt(shown, tokenizer, record.tools))
             except TemplateError as err:
                 raise DataError(f"{record.location}: {err}") from None
 

@@ -1,13 +1,16 @@
 """Other dataset shapes to ChatML ``messages``: ShareGPT and Alpaca. Pure functions on one row.
 
 - ChatML: ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``.
-- ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...], "system"?: ...}``.
+- ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...], "system"?: ...}``; also
+  ``function_call`` turns (a JSON call, or list of calls, ``{"name", "arguments"}``: an assistant turn with
+  ``tool_calls``), ``observation`` turns (a ``tool`` result) and top-level ``tools`` (a list, or its JSON text).
 - Alpaca: ``{"instruction": ..., "input"?: ..., "output": ..., "system"?: ...}``; the user turn is the instruction,
   followed by a blank line and the input when there is one.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from sft_lightning.errors import DataError
@@ -35,7 +38,8 @@ def to_chatml(row: Any, fmt: Format, location: str) -> Any:
     """
     kind = detect_format(row) if fmt == "auto" else fmt
     if kind == "sharegpt":
-        return {"messages": _from_sharegpt(row, location)}
+        tools = _sharegpt_tools(row.get("tools"), location) if isinstance(row, dict) else None
+        return {"messages": _from_sharegpt(row, location), **({"tools": tools} if tools else {})}
     if kind == "alpaca":
         return {"messages": _from_alpaca(row, location)}
     if fmt == "auto" and isinstance(row, dict) and kind is None:
@@ -53,10 +57,44 @@ def _from_sharegpt(row: Any, location: str) -> list[dict]:
     messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
     for n, turn in enumerate(turns, start=1):
         speaker = turn.get("from") if isinstance(turn, dict) else None
-        if speaker not in SHAREGPT_ROLES:
-            raise DataError(f"{location}: turn {n}: unknown ShareGPT speaker {speaker!r} (expected system, human, gpt)")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+        if speaker == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(turn.get("value"), location, n)})
+        elif speaker == "observation":
+            messages.append({"role": "tool", "content": turn.get("value")})
+        elif speaker in SHAREGPT_ROLES:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+        else:
+            raise DataError(
+                f"{location}: turn {n}: unknown ShareGPT speaker {speaker!r} (expected system, human, gpt, function_call, observation)"
+            )
     return messages
+
+
+def _json(value: Any, location: str, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{location}: {what} is not valid JSON ({err.msg})") from None
+
+
+def _sharegpt_calls(value: Any, location: str, n: int) -> list[dict]:
+    calls = _json(value, location, f"turn {n}: the function_call")
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(call, dict) and isinstance(call.get("name"), str) for call in calls):
+        raise DataError(f"{location}: turn {n}: a function_call needs a 'name' (and 'arguments')")
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}} for c in calls]
+
+
+def _sharegpt_tools(value: Any, location: str) -> list[dict] | None:
+    tools = _json(value, location, "'tools'") if value else None
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise DataError(f"{location}: 'tools' must be a list of function schemas")
+    # ShareGPT files list bare schemas; chat templates expect {"type": "function", "function": schema}.
+    return [tool if "function" in tool else {"type": "function", "function": tool} for tool in tools]
 
 
 def _from_alpaca(row: Any, location: str) -> list[dict]:

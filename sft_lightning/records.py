@@ -16,7 +16,9 @@ from typing import Any, Optional
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format, to_chatml
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Fields kept besides role and content, by role: what chat templates render.
+EXTRA_FIELDS = {"assistant": ("tool_calls", "reasoning_content"), "tool": ("name", "tool_call_id")}
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,8 @@ class Record:
     """One conversation and where it came from (``file: line N`` or ``file: record N``)."""
 
     location: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    tools: Optional[list[dict]] = None  # function schemas the conversation may call, rendered by the template
 
 
 def read_records(
@@ -53,7 +56,7 @@ def read_records(
     for location, row in _parse_rows(path, text, skipped):
         try:
             row = to_chatml(row, fmt, location)
-            records.append(Record(location, validate_messages(row, location, require_assistant)))
+            records.append(Record(location, validate_messages(row, location, require_assistant), validate_tools(row, location)))
         except DataError as err:
             if skipped is None:
                 raise
@@ -91,8 +94,19 @@ def _parse_rows(path: Path, text: str, skipped: Optional[Counter] = None) -> lis
     return parsed
 
 
-def validate_messages(row: Any, location: str, require_assistant: bool = True) -> list[dict[str, str]]:
-    """Return the row's messages as plain ``{"role", "content"}`` dicts, or raise a :class:`DataError`."""
+def validate_tools(row: Any, location: str) -> Optional[list[dict]]:
+    """The row's ``tools`` (a list of function schemas), None when it has none, or a :class:`DataError`."""
+    tools = row.get("tools") if isinstance(row, dict) else None
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise DataError(f"{location}: 'tools' must be a list of function schemas (objects)")
+    return tools or None
+
+
+def validate_messages(row: Any, location: str, require_assistant: bool = True) -> list[dict[str, Any]]:
+    """Return the row's messages as ``{"role", "content"}`` dicts (with ``tool_calls`` and ``reasoning_content``
+    of assistant messages, ``name`` and ``tool_call_id`` of tool results), or raise a :class:`DataError`."""
     if not isinstance(row, dict):
         raise DataError(f"{location}: expected an object with 'messages', got {type(row).__name__}")
     if "messages" not in row:
@@ -108,19 +122,35 @@ def validate_messages(row: Any, location: str, require_assistant: bool = True) -
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise DataError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        calls = _tool_calls(message, where) if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             kind = "missing" if content is None else f"a {type(content).__name__}, not a string"
             raise DataError(f"{where}: content is {kind}")
-        if role != "system" and not content.strip():
+        if role != "system" and not content.strip() and not calls:
             raise DataError(f"{where}: {role} content is empty")
-        clean.append({"role": role, "content": content})
+        extra = {key: message[key] for key in EXTRA_FIELDS.get(role, ()) if message.get(key) is not None}
+        if not isinstance(extra.get("reasoning_content", ""), str):
+            raise DataError(f"{where}: reasoning_content must be a string")
+        clean.append({"role": role, "content": content, **extra})
     _check_order(clean, location)
     if require_assistant and not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{location}: no assistant turn to train on")
     return clean
 
 
-def _check_order(messages: list[dict[str, str]], location: str) -> None:
+def _tool_calls(message: dict, where: str) -> Optional[list]:
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    named = lambda call: isinstance(call, dict) and isinstance((call.get("function") or {}).get("name"), str)  # noqa: E731
+    if not isinstance(calls, list) or not calls or not all(map(named, calls)):
+        raise DataError(f"{where}: tool_calls must be a non-empty list of {{\"function\": {{\"name\": ..., \"arguments\": ...}}}}")
+    return calls
+
+
+def _check_order(messages: list[dict[str, Any]], location: str) -> None:
     # Most chat templates (Llama, Mistral, Gemma) require this shape; checking here gives a clear line
     # instead of a template exception deep in the data pipeline.
     turns = messages[1:] if messages[0]["role"] == "system" else messages
@@ -129,7 +159,12 @@ def _check_order(messages: list[dict[str, str]], location: str) -> None:
             raise DataError(f"{location}: message {n}: a system message may only come first")
     if turns and turns[0]["role"] != "user":
         raise DataError(f"{location}: the conversation must start with a user turn (after an optional system)")
+    offset = len(messages) - len(turns) + 1
     for n in range(1, len(turns)):
-        if turns[n]["role"] == turns[n - 1]["role"]:
-            first = n + len(messages) - len(turns) + 1
-            raise DataError(f"{location}: message {first}: two {turns[n]['role']} turns in a row")
+        role, before = turns[n]["role"], turns[n - 1]
+        if role == "tool" and not (before["role"] == "tool" or before.get("tool_calls")):
+            raise DataError(f"{location}: message {n + offset}: a tool result must follow an assistant turn with tool_calls")
+        if before["role"] == "tool" and role == "user":
+            raise DataError(f"{location}: message {n + offset}: tool results must be answered by an assistant turn")
+        if role == before["role"] != "tool":
+            raise DataError(f"{location}: message {n + offset}: two {role} turns in a row")

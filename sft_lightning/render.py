@@ -65,16 +65,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
-def render_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The template's text for ``messages``. A template without a system role (Gemma 2) gets the system message
-    merged into the first user turn, as such models are prompted (see :func:`merge_system_message`)."""
+def render_text(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
+) -> str:
+    """The template's text for ``messages`` (and the function schemas ``tools``). A template without a system role
+    (Gemma 2) gets the system message merged into the first user turn, as such models are prompted (see
+    :func:`merge_system_message`)."""
+    options = {"tokenize": False, "add_generation_prompt": add_generation_prompt, "tools": tools}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, **options)
     except Exception as err:  # jinja raises whatever the template author chose
         merged = merge_system_message(messages)
         if merged is not messages:
             try:
-                return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=add_generation_prompt)
+                return tokenizer.apply_chat_template(merged, **options)
             except Exception:
                 pass
         raise TemplateError(f"the chat template failed to render: {err}") from None
@@ -89,10 +93,10 @@ def merge_system_message(messages: list[dict]) -> list[dict]:
     return [first_user, *messages[2:]]
 
 
-def render_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of a conversation that ends with a user turn, followed by the assistant generation prompt: exactly what
-    ``generate`` is given at inference, and the start of the training ids of the turn that follows."""
-    return _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=True))
+def render_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None) -> list[int]:
+    """Ids of a conversation that ends with a user turn (or tool results), followed by the assistant generation
+    prompt: exactly what ``generate`` is given at inference, and the start of the training ids of the next turn."""
+    return _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=True, tools=tools))
 
 
 def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -104,6 +108,7 @@ def training_samples(
     tokenizer: PreTrainedTokenizerBase,
     train_on: TrainOn = "assistant",
     max_length: int | None = None,
+    tools: list[dict] | None = None,
 ) -> list[RenderedSample]:
     """The samples ``fit`` trains on for one conversation (``data check`` shows the same).
 
@@ -116,15 +121,18 @@ def training_samples(
     earlier reasoning) or a boundary tokenises differently inside a longer text, each assistant turn becomes a
     sample of its own. ``train_on``: ``assistant`` every assistant turn, ``last`` the final one, ``all`` every
     token of the whole rendered conversation but the first. Samples longer than ``max_length`` keep their first
-    ``max_length`` tokens.
+    ``max_length`` tokens. ``tools``: the function schemas the conversation may call; an assistant turn's
+    ``tool_calls`` are trained as the template renders them, tool results never.
     """
+    if tools and render_text(tokenizer, messages, False, tools) == render_text(tokenizer, messages, False):
+        raise TemplateError("the chat template ignores 'tools' (it has no tool support): use a model whose template renders them")
     if train_on == "all":
-        ids = _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=False))
+        ids = _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=False, tools=tools))
         return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = turns[-1:] if train_on == "last" else turns
     specials = _special_tokens(tokenizer)
-    parts = [_turn(messages, turn, tokenizer, specials) for turn in turns]
+    parts = [_turn(messages, turn, tokenizer, specials, tools) for turn in turns]
     if not _one_sample(parts):
         return [_cut(part.prompt + part.answer, [IGNORE_INDEX] * len(part.prompt) + part.answer, max_length) for part in parts]
     last = parts[-1]
@@ -133,7 +141,7 @@ def training_samples(
         labels[len(part.prompt) : len(part.prompt) + len(part.answer)] = part.answer
     # What the template renders after the last trained turn (a newline, later turns), never trained: with it the
     # ids equal apply_chat_template of the whole conversation.
-    whole = render_text(tokenizer, messages, add_generation_prompt=False)
+    whole = render_text(tokenizer, messages, add_generation_prompt=False, tools=tools)
     if whole.startswith(last.text):
         tail = _tokens(tokenizer, whole[len(last.text) :])
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
@@ -159,7 +167,7 @@ def _cut(ids: list[int], labels: list[int], max_length: int | None) -> RenderedS
     return RenderedSample(ids[:max_length], labels[:max_length], truncated) if truncated else RenderedSample(ids, labels)
 
 
-def _turn(messages, turn: int, tokenizer, specials: dict[str, int]) -> _Turn:
+def _turn(messages, turn: int, tokenizer, specials: dict[str, int], tools: list[dict] | None = None) -> _Turn:
     """The inference prompt and the trained answer of assistant message ``turn``."""
     content = messages[turn]["content"]
     inside = next((token for token in specials if token in content), None)
@@ -168,8 +176,8 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int]) -> _Turn:
             f"message {turn + 1} contains the text of the special token {inside!r}, which the tokenizer would read as "
             "the token itself (and end the turn there): remove or escape it in the data"
         )
-    prompt = render_text(tokenizer, messages[:turn], add_generation_prompt=True)
-    whole = render_text(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+    prompt = render_text(tokenizer, messages[:turn], add_generation_prompt=True, tools=tools)
+    whole = render_text(tokenizer, messages[: turn + 1], add_generation_prompt=False, tools=tools)
     if not whole.startswith(prompt):
         raise TemplateError(
             f"the chat template renders message {turn + 1} differently from its own generation prompt (the prompt "
@@ -187,7 +195,12 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int]) -> _Turn:
             f"the chat template renders the assistant header with message {turn + 1} ({answer_text[:40]!r}), not in "
             "its generation prompt (add_generation_prompt adds nothing), so the model would have to write its own header"
         )
-    if content.strip() and not rendered.rstrip().endswith(content.strip()):
+    calls = [call["function"]["name"] for call in messages[turn].get("tool_calls") or ()]
+    if any(name not in rendered for name in calls):
+        raise TemplateError(f"the chat template does not render the tool_calls of message {turn + 1} (it has no tool support)")
+    if calls and content.strip() not in rendered:
+        raise TemplateError(f"the chat template does not render the content of message {turn + 1} beside its tool_calls")
+    if not calls and content.strip() and not rendered.rstrip().endswith(content.strip()):
         raise TemplateError(
             f"the chat template renders more than the content between the generation prompt and the end-of-turn "
             f"token of message {turn + 1}: {rendered[:80]!r}"

@@ -220,7 +220,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     kept, truncated, dropped, expanded = [], 0, Counter(), 0
     for record in chunk:
         try:
-            samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length)
+            samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length, record.tools)
         except TemplateError as err:
             if not settings.skip_invalid:
                 raise DataError(f"{record.location}: {err}") from None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -53,3 +56,35 @@ def llama3_tokenizer():
 def names(tokenizer, ids) -> list:
     """Token names for ids; None for ignored labels."""
     return [None if i == -100 else tokenizer.convert_ids_to_tokens(i) for i in ids]
+
+
+def tiny_fit(root, *extra) -> subprocess.CompletedProcess:
+    """``sft-lightning fit`` on the tiny config in a subprocess; returns the completed process."""
+    args = [
+        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/tiny.yaml",
+        f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}", "--trainer.max_epochs=2",
+        "--checkpoint.every_n_train_steps=6", "--trainer.enable_progress_bar=false", *extra,
+    ]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+
+
+def final_weights(root) -> dict[str, torch.Tensor]:
+    checkpoints = sorted(root.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
+    return torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_weights(tmp_path_factory):
+    """Final weights of an uninterrupted :func:`tiny_fit` with the given arguments, run once per session: the
+    resume and preemption tests compare against the same runs."""
+    runs: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def weights(*extra: str) -> dict[str, torch.Tensor]:
+        if extra not in runs:
+            root = tmp_path_factory.mktemp("uninterrupted")
+            result = tiny_fit(root, *extra)
+            assert result.returncode == 0, result.stderr[-2000:]
+            runs[extra] = final_weights(root)
+        return runs[extra]
+
+    return weights

@@ -113,13 +113,13 @@ from sft_lightning.zero import float32_rotary_buffers, zero3_loading
 import deepspeed
 from transformers import AutoModelForCausalLM
 deepspeed.init_distributed("gloo")
+reference = AutoModelForCausalLM.from_pretrained(sys.argv[1])  # before the ZeRO-3 config exists: a plain model
 config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
 keep = zero3_loading(config)
 with deepspeed.zero.Init(config_dict_or_path=config):  # as Lightning's model_sharded_context
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 before = str(model.model.rotary_emb.inv_freq.dtype)
 rebuilt = float32_rotary_buffers(model)
-reference = AutoModelForCausalLM.from_pretrained(sys.argv[1])
 with deepspeed.zero.GatheredParameters(list(model.parameters())):
     loaded = all(torch.equal(p, r.to(p.dtype)) for p, r in zip(model.parameters(), reference.parameters()))
 print(json.dumps({"before": before, "rebuilt": rebuilt, "loaded": loaded,

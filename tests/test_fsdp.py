@@ -60,6 +60,7 @@ def fit(preset: str, model: str, root, *extra: str) -> subprocess.CompletedProce
         "--trainer.accelerator=cpu", "--trainer.num_nodes=1", "--trainer.precision=32-true",
         f"--model.model_name_or_path={model}", "--model.learning_rate=1e-3", "--data.max_length=128",
         "--data.num_workers=0", "--trainer.max_steps=20", "--trainer.max_epochs=-1", "--checkpoint.every_n_train_steps=5",
+        "--trainer.val_check_interval=1.0",  # the preset's 0.25 would validate (and save) about every step here
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}",
         *extra,
     ]

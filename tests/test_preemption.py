@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.test_resume import fit, final_weights
+from tests.conftest import final_weights
+from tests.conftest import tiny_fit as fit
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,8 @@ class SignalAtBatch(L.Callback):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
-def test_signal_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, signal_name):
+def test_signal_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, signal_name, uninterrupted_weights):
     accumulate = ["--trainer.accumulate_grad_batches=2"]
-    reference = fit(tmp_path / "uninterrupted", *accumulate)
-    assert reference.returncode == 0, reference.stderr[-2000:]
     # Micro-batch 8 is the first half of optimizer step 5: the save must wait for the step to finish.
     preempted = fit(tmp_path / "run", *accumulate, "--trainer.callbacks+=tests.test_preemption.SignalAtBatch",
                     "--trainer.callbacks.batch_idx=8", f"--trainer.callbacks.signal_name={signal_name}")
@@ -41,6 +39,6 @@ def test_signal_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path,
 
     resumed = fit(tmp_path / "run", *accumulate, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, actual = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "run")
+    expected, actual = uninterrupted_weights(*accumulate), final_weights(tmp_path / "run")
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)

@@ -1,8 +1,10 @@
 import json
+import re
 
 import pytest
 
 from sft_lightning.errors import DataError
+from sft_lightning.formats import to_chatml
 from sft_lightning.records import read_records
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
@@ -60,3 +62,47 @@ def test_broken_json_empty_missing_and_undecodable(tmp_path):
 def test_prediction_inputs_may_end_with_the_user(tmp_path):
     row = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]}
     assert len(read_records(write(tmp_path, json.dumps(row)), require_assistant=False)) == 1
+
+
+def test_tool_conversations_keep_calls_results_and_schemas(tmp_path):
+    row = {
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "reasoning_content": "Look it up.",
+             "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "name": "weather", "content": "-3 C"},
+            {"role": "assistant", "content": "It is -3 C in Oslo."},
+        ],
+    }
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    [record] = read_records(path)
+    assert record.tools == row["tools"]
+    assert record.messages[1] == {"role": "assistant", "content": "", "tool_calls": row["messages"][1]["tool_calls"],
+                                  "reasoning_content": "Look it up."}
+    assert record.messages[2] == {"role": "tool", "content": "-3 C", "name": "weather"}
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}], "message 2: a tool result must follow an assistant turn with tool_calls"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]},
+      {"role": "tool", "content": "x"}, {"role": "user", "content": "and?"}], "message 4: tool results must be answered by an assistant turn"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}], "message 2: tool_calls must be"),
+])
+def test_tool_turn_errors_name_the_message(tmp_path, messages, error):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: line 1: {error}")):
+        read_records(path)
+
+
+def test_sharegpt_function_call_and_observation_turns():
+    row = {"conversations": [{"from": "human", "value": "Weather?"},
+                             {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+                             {"from": "observation", "value": "-3 C"}, {"from": "gpt", "value": "Cold."}],
+           "tools": '[{"name": "weather", "parameters": {}}]'}
+    chatml = to_chatml(row, "auto", "f: line 1")
+    assert chatml["tools"] == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    assert [m["role"] for m in chatml["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert chatml["messages"][1]["tool_calls"] == [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]

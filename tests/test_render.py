@@ -238,3 +238,45 @@ def test_a_token_merging_across_the_prompt_boundary_never_enters_the_prompt():
     assert names(tokenizer, first.labels) == [None] * len(prompt) + [N, "hello", E]
     later = render_prompt(messages[:3], tokenizer)
     assert "\n\n" in names(tokenizer, later) and second.input_ids[: len(later)] == later
+
+
+# A ChatML template with tools, as Qwen2.5's renders them (simplified so that the words tokenise one by one).
+TOOLS_CHATML = (
+    "{%- if tools -%}{{ '<|im_start|>system\\ntools' }}{%- for t in tools -%}{{ ' ' + t['function']['name'] }}{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') -%}"
+    "{{ '<|im_start|>assistant\\n' + m['content'] }}{%- for c in m['tool_calls'] -%}{{ '<tool_call> ' + c['function']['name'] + ' </tool_call>' }}{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "bye", "arguments": {}}}]},
+    {"role": "tool", "content": "fine"},
+    {"role": "assistant", "content": "thanks"},
+]
+TOOLS = [{"type": "function", "function": {"name": "bye", "parameters": {}}}]
+
+
+def test_tool_calls_are_trained_as_rendered_and_tool_results_never():
+    tokenizer = word_tokenizer(["<pad>", S, E], TOOLS_CHATML, words=("tools", "tool", "<tool_call>", "</tool_call>"),
+                               pad_token="<pad>", eos_token=E)
+    [sample] = training_samples(TOOL_CONVERSATION, tokenizer, tools=TOOLS)
+    tokens, labels = names(tokenizer, sample.input_ids), names(tokenizer, sample.labels)
+    assert tokens == [
+        S, "system", N, "tools", "bye", E, N, S, "user", N, "hi", E, N,
+        S, "assistant", N, "<tool_call>", "bye", "</tool_call>", E, N,
+        S, "tool", N, "fine", E, N, S, "assistant", N, "thanks", E, N,
+    ]
+    assert labels == [None] * 16 + ["<tool_call>", "bye", "</tool_call>", E] + [None] * 10 + ["thanks", E, None]
+    prompt = render_prompt(TOOL_CONVERSATION[:3], tokenizer, TOOLS)  # after the tool result
+    assert sample.input_ids[: len(prompt)] == prompt and names(tokenizer, prompt)[-3:] == [S, "assistant", N]
+
+
+def test_a_template_without_tool_support_is_named(chatml_tokenizer):
+    with pytest.raises(TemplateError, match="ignores 'tools'"):
+        training_samples(TOOL_CONVERSATION, chatml_tokenizer, tools=TOOLS)
+    with pytest.raises(TemplateError, match="does not render the tool_calls of message 2"):
+        training_samples(TOOL_CONVERSATION, chatml_tokenizer)

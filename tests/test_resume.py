@@ -3,8 +3,6 @@ as a run that was never interrupted; a kill during a checkpoint write leaves the
 
 import os
 import signal
-import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -12,7 +10,8 @@ import torch
 
 from sft_lightning.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from sft_lightning.cli import SFTLightningCLI
-from tests.conftest import ROOT
+from tests.conftest import ROOT, final_weights
+from tests.conftest import tiny_fit as fit
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +27,6 @@ class KillAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit(root, *extra):
-    """``sft-lightning fit`` on the tiny config in a subprocess; returns the completed process."""
-    args = [
-        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/tiny.yaml",
-        f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}", "--trainer.max_epochs=2",
-        "--checkpoint.every_n_train_steps=6", "--trainer.enable_progress_bar=false", *extra,
-    ]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-
-
-def final_weights(root):
-    checkpoints = sorted(root.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime_ns)
-    return torch.load(checkpoints[-1], map_location="cpu", weights_only=True)["state_dict"]
-
-
 @pytest.mark.parametrize(
     "kill_at, data",
     [
@@ -52,16 +36,14 @@ def final_weights(root):
     ],
     ids=["epoch0", "epoch1", "packed"],
 )
-def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, kill_at, data):
-    reference = fit(tmp_path / "uninterrupted", *data)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, kill_at, data, uninterrupted_weights):
     killed = fit(tmp_path / "run", *data, "--trainer.callbacks+=tests.test_resume.KillAtStep",
                  f"--trainer.callbacks.step={kill_at}")
     assert killed.returncode == -signal.SIGKILL
     resumed = fit(tmp_path / "run", *data, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "--ckpt_path last: resuming from" in resumed.stdout + resumed.stderr
-    expected, actual = final_weights(tmp_path / "uninterrupted"), final_weights(tmp_path / "run")
+    expected, actual = uninterrupted_weights(*data), final_weights(tmp_path / "run")
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
