@@ -18,7 +18,7 @@ from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
 from sft_lightning.records import read_records
-from sft_lightning.render import IGNORE_INDEX, TrainOn, load_tokenizer, render_prompt
+from sft_lightning.render import IGNORE_INDEX, SystemMessage, TrainOn, load_tokenizer, render_prompt
 from sft_lightning.sampling import MicroBatch, StepPlan, StepPlanSampler
 from sft_lightning.tokenized import TokenizedSplit, tokenize_split
 
@@ -54,7 +54,7 @@ class MicroBatchDataset(Dataset):
 class PromptDataset(Dataset):
     """Prediction inputs: each conversation up to its last user turn, rendered with the generation prompt."""
 
-    def __init__(self, path: str, tokenizer, fmt: Format = "auto") -> None:
+    def __init__(self, path: str, tokenizer, fmt: Format = "auto", system_message: SystemMessage = "auto") -> None:
         self.records = read_records(path, require_assistant=False, fmt=fmt)
         self.prompts = []
         for record in self.records:
@@ -62,7 +62,7 @@ class PromptDataset(Dataset):
             if shown[-1]["role"] not in ("user", "tool"):
                 raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
             try:
-                self.prompts.append(render_prompt(shown, tokenizer, record.tools))
+                self.prompts.append(render_prompt(shown, tokenizer, record.tools, system_message))
             except TemplateError as err:
                 raise DataError(f"{record.location}: {err}") from None
 
@@ -107,6 +107,7 @@ class ChatMLDataModule(LightningDataModule):
         preprocessing_workers: Optional[int] = None,
         on_invalid: Literal["error", "skip"] = "error",
         format: Format = "auto",
+        system_message: SystemMessage = "auto",
     ) -> None:
         """Chat conversations (JSON array or JSONL of ``{"messages": [...]}``) rendered with the model's template.
 
@@ -145,6 +146,10 @@ class ChatMLDataModule(LightningDataModule):
                 left out and counted by reason in the setup summary.
             format: row shape of the files: ``auto`` recognises ChatML ``messages``, ShareGPT ``conversations``
                 and Alpaca ``instruction``/``input``/``output`` row by row; or insist on one of them.
+            system_message: under a chat template without a system role (Gemma 2), ``auto`` merges a leading
+                system message into the first user turn (``system + "\n\n" + user``, as such models are prompted;
+                counted in the setup summary), ``error`` refuses such conversations. Predict renders the same way,
+                and so does chat.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -169,7 +174,7 @@ class ChatMLDataModule(LightningDataModule):
             workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
         return tokenize_split(
             self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
-            skip_invalid=h.on_invalid == "skip", fmt=h.format,
+            skip_invalid=h.on_invalid == "skip", fmt=h.format, system_message=h.system_message,
         )
 
     def prepare_data(self) -> None:
@@ -198,7 +203,9 @@ class ChatMLDataModule(LightningDataModule):
         if stage == "predict":
             if self.hparams.predict_path is None:
                 raise DataError("data.predict_path is required for predict")
-            self.predict_dataset = PromptDataset(self.hparams.predict_path, self.tokenizer, self.hparams.format)
+            self.predict_dataset = PromptDataset(
+                self.hparams.predict_path, self.tokenizer, self.hparams.format, self.hparams.system_message
+            )
 
     def _rows(self, name: str) -> list[list[int]]:
         """Packed rows of a split, built once (deterministic, so every rank and a resumed run agree)."""

@@ -14,7 +14,7 @@ that closes the turn (see :func:`training_samples`). A template for which this i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -23,6 +23,9 @@ from sft_lightning.errors import TemplateError, loading
 
 IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "last", "all"]
+# A leading system message under a template without a system role (Gemma 2): merged into the first user turn, or
+# an error.
+SystemMessage = Literal["auto", "error"]
 
 # Used when a tokenizer has no template of its own (most base models).
 CHATML_TEMPLATE = (
@@ -66,22 +69,40 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def render_text(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    tools: list[dict] | None = None,
+    system_message: SystemMessage = "auto",
 ) -> str:
-    """The template's text for ``messages`` (and the function schemas ``tools``). A template without a system role
-    (Gemma 2) gets the system message merged into the first user turn, as such models are prompted (see
-    :func:`merge_system_message`)."""
+    """The template's text for ``messages`` (and the function schemas ``tools``). Under a template without a system
+    role (Gemma 2) a system message is merged into the first user turn, as such models are prompted (``auto``,
+    see :func:`merge_system_message`), or is an error (``error``)."""
     options = {"tokenize": False, "add_generation_prompt": add_generation_prompt, "tools": tools}
     try:
         return tokenizer.apply_chat_template(messages, **options)
     except Exception as err:  # jinja raises whatever the template author chose
         merged = merge_system_message(messages)
+        if merged is not messages and system_message == "error" and not has_system_role(tokenizer):
+            raise TemplateError(
+                "the chat template has no system role; data.system_message auto merges it into the first user turn"
+            ) from None
         if merged is not messages:
             try:
                 return tokenizer.apply_chat_template(merged, **options)
             except Exception:
                 pass
         raise TemplateError(f"the chat template failed to render: {err}") from None
+
+
+def has_system_role(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the template renders a system message at all (Gemma 2's raises)."""
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:
+        return False
+    return True
 
 
 def merge_system_message(messages: list[dict]) -> list[dict]:
@@ -93,10 +114,15 @@ def merge_system_message(messages: list[dict]) -> list[dict]:
     return [first_user, *messages[2:]]
 
 
-def render_prompt(messages: list[dict], tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None) -> list[int]:
+def render_prompt(
+    messages: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict] | None = None,
+    system_message: SystemMessage = "auto",
+) -> list[int]:
     """Ids of a conversation that ends with a user turn (or tool results), followed by the assistant generation
     prompt: exactly what ``generate`` is given at inference, and the start of the training ids of the next turn."""
-    return _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=True, tools=tools))
+    return _tokens(tokenizer, render_text(tokenizer, messages, True, tools, system_message))
 
 
 def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -109,6 +135,7 @@ def training_samples(
     train_on: TrainOn = "assistant",
     max_length: int | None = None,
     tools: list[dict] | None = None,
+    system_message: SystemMessage = "auto",
 ) -> list[RenderedSample]:
     """The samples ``fit`` trains on for one conversation (``data check`` shows the same).
 
@@ -122,17 +149,19 @@ def training_samples(
     sample of its own. ``train_on``: ``assistant`` every assistant turn, ``last`` the final one, ``all`` every
     token of the whole rendered conversation but the first. Samples longer than ``max_length`` keep their first
     ``max_length`` tokens. ``tools``: the function schemas the conversation may call; an assistant turn's
-    ``tool_calls`` are trained as the template renders them, tool results never.
+    ``tool_calls`` are trained as the template renders them, tool results never. ``system_message``: see
+    :func:`render_text`.
     """
-    if tools and render_text(tokenizer, messages, False, tools) == render_text(tokenizer, messages, False):
+    render = partial(render_text, tokenizer, tools=tools, system_message=system_message)
+    if tools and render(messages, False) == render_text(tokenizer, messages, False, system_message=system_message):
         raise TemplateError("the chat template ignores 'tools' (it has no tool support): use a model whose template renders them")
     if train_on == "all":
-        ids = _tokens(tokenizer, render_text(tokenizer, messages, add_generation_prompt=False, tools=tools))
+        ids = _tokens(tokenizer, render(messages, False))
         return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = turns[-1:] if train_on == "last" else turns
     specials = _special_tokens(tokenizer)
-    parts = [_turn(messages, turn, tokenizer, specials, tools) for turn in turns]
+    parts = [_turn(messages, turn, tokenizer, specials, render) for turn in turns]
     if not _one_sample(parts):
         return [_cut(part.prompt + part.answer, [IGNORE_INDEX] * len(part.prompt) + part.answer, max_length) for part in parts]
     last = parts[-1]
@@ -141,7 +170,7 @@ def training_samples(
         labels[len(part.prompt) : len(part.prompt) + len(part.answer)] = part.answer
     # What the template renders after the last trained turn (a newline, later turns), never trained: with it the
     # ids equal apply_chat_template of the whole conversation.
-    whole = render_text(tokenizer, messages, add_generation_prompt=False, tools=tools)
+    whole = render(messages, False)
     if whole.startswith(last.text):
         tail = _tokens(tokenizer, whole[len(last.text) :])
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
@@ -167,7 +196,7 @@ def _cut(ids: list[int], labels: list[int], max_length: int | None) -> RenderedS
     return RenderedSample(ids[:max_length], labels[:max_length], truncated) if truncated else RenderedSample(ids, labels)
 
 
-def _turn(messages, turn: int, tokenizer, specials: dict[str, int], tools: list[dict] | None = None) -> _Turn:
+def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _Turn:
     """The inference prompt and the trained answer of assistant message ``turn``."""
     content = messages[turn]["content"]
     inside = next((token for token in specials if token in content), None)
@@ -176,8 +205,7 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int], tools: list[
             f"message {turn + 1} contains the text of the special token {inside!r}, which the tokenizer would read as "
             "the token itself (and end the turn there): remove or escape it in the data"
         )
-    prompt = render_text(tokenizer, messages[:turn], add_generation_prompt=True, tools=tools)
-    whole = render_text(tokenizer, messages[: turn + 1], add_generation_prompt=False, tools=tools)
+    prompt, whole = render(messages[:turn], True), render(messages[: turn + 1], False)
     if not whole.startswith(prompt):
         raise TemplateError(
             f"the chat template renders message {turn + 1} differently from its own generation prompt (the prompt "

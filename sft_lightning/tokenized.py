@@ -30,7 +30,7 @@ from sft_lightning import formats, records, render
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.records import Record, read_records
-from sft_lightning.render import IGNORE_INDEX, RenderedSample, TrainOn, training_samples
+from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn, has_system_role, training_samples
 
 ARRAYS = ("input_ids", "labels", "offsets")
 # Below this many conversations worker start-up costs more than it saves.
@@ -50,6 +50,7 @@ class TokenizedSplit:
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     expanded: int = 0  # conversations trained turn by turn (one sample per assistant turn)
+    merged_system: int = 0  # system messages merged into the first user turn (a template without a system role)
     from_cache: bool = False
 
     def __len__(self) -> int:
@@ -78,7 +79,7 @@ class TokenizedSplit:
         return (
             f"{name} ({self.path}{', cached' if self.from_cache else ''}): {self.read} conversations read, "
             f"{sum(self.dropped.values())} dropped ({why}), {self.truncated} truncated, {len(self)} kept"
-            f"{self._expansion}, "
+            f"{self._expansion}{self._merged}, "
             f"{sum(self.supervised_tokens)} supervised tokens, mean length {len(self.input_ids) / max(len(self), 1):.1f} tokens"
         )
 
@@ -89,11 +90,17 @@ class TokenizedSplit:
         return (f" ({self.expanded} conversations as one sample per assistant turn: their earlier turns render or "
                 "tokenise differently inside later prompts)")
 
+    @property
+    def _merged(self) -> str:
+        if not self.merged_system:
+            return ""
+        return f" ({self.merged_system} system messages merged into the first user turn: the template has no system role)"
+
     def save(self, folder: Path) -> None:
         for name in ARRAYS:
             np.save(folder / f"{name}.npy", getattr(self, name))
         meta = {"path": self.path, "read": self.read, "truncated": self.truncated, "dropped": self.dropped,
-                "expanded": self.expanded}
+                "expanded": self.expanded, "merged_system": self.merged_system}
         (folder / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -111,6 +118,7 @@ def tokenize_split(
     workers: Optional[int] = None,
     skip_invalid: bool = False,
     fmt: Format = "auto",
+    system_message: SystemMessage = "auto",
 ) -> TokenizedSplit:
     """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
 
@@ -118,7 +126,7 @@ def tokenize_split(
     ``PARALLEL_THRESHOLD`` conversations, else none). ``skip_invalid``: leave out conversations that fail
     validation or rendering, counted by reason in ``dropped``, instead of stopping at the first.
     """
-    settings = RenderSettings(max_length, train_on, skip_invalid, fmt)
+    settings = RenderSettings(max_length, train_on, skip_invalid, fmt, system_message)
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, settings)
@@ -139,6 +147,7 @@ class RenderSettings(NamedTuple):
     train_on: TrainOn
     skip_invalid: bool = False
     fmt: Format = "auto"
+    system_message: SystemMessage = "auto"
 
 
 def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
@@ -193,6 +202,7 @@ def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[
         truncated=sum(chunk.truncated for chunk in rendered),
         dropped=dict(dropped),
         expanded=sum(chunk.expanded for chunk in rendered),
+        merged_system=0 if has_system_role(tokenizer) else sum(c.messages[0]["role"] == "system" for c in conversations),
     )
 
 
@@ -220,7 +230,8 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     kept, truncated, dropped, expanded = [], 0, Counter(), 0
     for record in chunk:
         try:
-            samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length, record.tools)
+            samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length,
+                                       record.tools, settings.system_message)
         except TemplateError as err:
             if not settings.skip_invalid:
                 raise DataError(f"{record.location}: {err}") from None

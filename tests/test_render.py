@@ -8,6 +8,7 @@ from sft_lightning.errors import TemplateError
 from sft_lightning.render import (
     CHATML_TEMPLATE,
     end_of_turn_token_id,
+    has_system_role,
     load_tokenizer,
     render_prompt,
     training_samples,
@@ -280,3 +281,12 @@ def test_a_template_without_tool_support_is_named(chatml_tokenizer):
         training_samples(TOOL_CONVERSATION, chatml_tokenizer, tools=TOOLS)
     with pytest.raises(TemplateError, match="does not render the tool_calls of message 2"):
         training_samples(TOOL_CONVERSATION, chatml_tokenizer)
+
+
+def test_system_message_choice_under_a_template_without_a_system_role():
+    specials = ["<pad>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = word_tokenizer(specials, GEMMA2_LIKE, words=("model",), pad_token="<pad>", bos_token="<bos>")
+    assert not has_system_role(tokenizer) and has_system_role(word_tokenizer(["<pad>", S, E], TEST_CHATML, pad_token="<pad>"))
+    with pytest.raises(TemplateError, match="no system role; data.system_message auto merges it"):
+        training_samples(MULTI, tokenizer, system_message="error")
+    assert training_samples(MULTI[1:], tokenizer, system_message="error") == training_samples(MULTI[1:], tokenizer)
