@@ -14,6 +14,7 @@ that closes the turn (see :func:`training_samples`). A template for which this i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from os.path import commonprefix
 from functools import lru_cache, partial
 from typing import Literal, NamedTuple
 
@@ -206,12 +207,8 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _
             "the token itself (and end the turn there): remove or escape it in the data"
         )
     prompt, whole = render(messages[:turn], True), render(messages[: turn + 1], False)
-    if not whole.startswith(prompt):
-        raise TemplateError(
-            f"the chat template renders message {turn + 1} differently from its own generation prompt (the prompt "
-            f"ends {prompt[-40:]!r}, the rendered turn {whole[len(prompt) - 40 : len(prompt)]!r})"
-        )
-    answer_text = whole[len(prompt) :]
+    opened = not whole.startswith(prompt)
+    answer_text = _opened_block_answer(prompt, whole, content, turn, specials) if opened else whole[len(prompt) :]
     encoding = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
     answer, offsets = encoding["input_ids"], encoding["offset_mapping"]
     end = next((t for t, token_id in enumerate(answer) if token_id in specials.values()), None)
@@ -228,12 +225,33 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _
         raise TemplateError(f"the chat template does not render the tool_calls of message {turn + 1} (it has no tool support)")
     if calls and content.strip() not in rendered:
         raise TemplateError(f"the chat template does not render the content of message {turn + 1} beside its tool_calls")
-    if not calls and content.strip() and not rendered.rstrip().endswith(content.strip()):
+    if not calls and not opened and content.strip() and not rendered.rstrip().endswith(content.strip()):
         raise TemplateError(
             f"the chat template renders more than the content between the generation prompt and the end-of-turn "
             f"token of message {turn + 1}: {rendered[:80]!r}"
         )
     return _Turn(_tokens(tokenizer, prompt), answer[: end + 1], prompt + answer_text[: offsets[end][1]])
+
+
+def _opened_block_answer(prompt: str, whole: str, content: str, turn: int, specials: dict[str, int]) -> str:
+    """The answer text after a generation prompt that opens a block the rendered turn does not show.
+
+    DeepSeek-R1's prompt ends with ``<think>\n`` while its template renders an answer without the reasoning; at
+    inference the model continues inside that block. The trained text is then the message's own content after
+    the opening (its reasoning, ``</think>`` and the answer), closed the way the template closes the turn.
+    """
+    shared = len(commonprefix([prompt, whole]))
+    opening, rendered = prompt[shared:], whole[shared:]
+    if not content.startswith(opening):
+        raise TemplateError(
+            f"the chat template's generation prompt ends with {opening!r}, which its rendering of message {turn + 1} "
+            f"does not contain: give that turn's content as the model continues the prompt, starting with {opening!r} "
+            "(for DeepSeek-R1: '<think>\\n...\\n</think>\\n\\nanswer')"
+        )
+    closing = min((rendered.find(token) for token in specials if token in rendered), default=-1)
+    if closing < 0:
+        raise TemplateError(f"the assistant message {turn + 1} is not closed by a special end-of-turn token")
+    return content[len(opening) :] + rendered[closing:]
 
 
 def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:

@@ -290,3 +290,30 @@ def test_system_message_choice_under_a_template_without_a_system_role():
     with pytest.raises(TemplateError, match="no system role; data.system_message auto merges it"):
         training_samples(MULTI, tokenizer, system_message="error")
     assert training_samples(MULTI[1:], tokenizer, system_message="error") == training_samples(MULTI[1:], tokenizer)
+
+
+# A DeepSeek-R1-like template: the generation prompt opens <think>, earlier answers lose their reasoning.
+R1_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|User|>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|Assistant|>' + c + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|Assistant|><think>\\n' }}{% endif %}"
+)
+
+
+def test_generation_prompt_that_opens_a_reasoning_block_trains_the_continuation():
+    specials = ["<pad>", "<bos>", "<|User|>", "<|Assistant|>", "<|end|>"]
+    tokenizer = word_tokenizer(specials, R1_LIKE, words=(T0, T1), pad_token="<pad>", bos_token="<bos>")
+    messages = [MULTI[1], {"role": "assistant", "content": "<think>\nbe brief\n</think>\n\nhello"},
+                MULTI[3], {"role": "assistant", "content": "<think>\nfine\n</think>\n\nfine thanks"}]
+    first, second = training_samples(messages, tokenizer)
+    prompt = ["<bos>", "<|User|>", "hi", "<|Assistant|>", T0, N]
+    assert names(tokenizer, first.input_ids[:6]) == prompt and first.input_ids[:6] == render_prompt(messages[:1], tokenizer)
+    assert names(tokenizer, first.labels) == [None] * 6 + ["be", "brief", N, T1, N, N, "hello", "<|end|>"]
+    # The second prompt holds the first answer without its reasoning, as at inference.
+    later = render_prompt(messages[:3], tokenizer)
+    assert names(tokenizer, later) == ["<bos>", "<|User|>", "hi", "<|Assistant|>", N, N, "hello", "<|end|>",
+                                       "<|User|>", "how", "are", "you", "<|Assistant|>", T0, N]
+    assert second.input_ids[: len(later)] == later
+    assert names(tokenizer, second.labels)[len(later):] == ["fine", N, T1, N, N, "fine", "thanks", "<|end|>"]
+    with pytest.raises(TemplateError, match="generation prompt ends with '<think>\\\\n'"):
+        training_samples(MULTI[1:3], tokenizer)  # a plain answer cannot continue an opened reasoning block
