@@ -234,14 +234,18 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _
 
 
 def _opened_block_answer(prompt: str, whole: str, content: str, turn: int, specials: dict[str, int]) -> str:
-    """The answer text after a generation prompt that opens a block the rendered turn does not show.
+    """The answer text after a generation prompt that the rendered turn does not continue.
 
+    A prompt that differs only by whitespace at its end (a template's own line breaks) is followed by the
+    rendered answer.
     DeepSeek-R1's prompt ends with ``<think>\n`` while its template renders an answer without the reasoning; at
     inference the model continues inside that block. The trained text is then the message's own content after
     the opening (its reasoning, ``</think>`` and the answer), closed the way the template closes the turn.
     """
     shared = len(commonprefix([prompt, whole]))
     opening, rendered = prompt[shared:], whole[shared:]
+    if not opening.strip():  # the prompt only ends with whitespace the rendered turn lacks: the answer follows it
+        return rendered.lstrip()
     if not content.startswith(opening):
         raise TemplateError(
             f"the chat template's generation prompt ends with {opening!r}, which its rendering of message {turn + 1} "

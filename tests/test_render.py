@@ -317,3 +317,13 @@ def test_generation_prompt_that_opens_a_reasoning_block_trains_the_continuation(
     assert names(tokenizer, second.labels)[len(later):] == ["fine", N, T1, N, N, "fine", "thanks", "<|end|>"]
     with pytest.raises(TemplateError, match="generation prompt ends with '<think>\\\\n'"):
         training_samples(MULTI[1:3], tokenizer)  # a plain answer cannot continue an opened reasoning block
+
+
+def test_a_generation_prompt_ending_in_extra_whitespace_is_followed_by_the_answer():
+    # Phi-3-style templates kept with their line breaks: the prompt ends with a newline the rendered turn lacks.
+    tokenizer = word_tokenizer(["<pad>", S, E], TEST_CHATML.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n\\n'"),
+                               pad_token="<pad>", eos_token=E)
+    [sample] = training_samples(SINGLE, tokenizer)
+    prompt = render_prompt(SINGLE[:1], tokenizer)
+    assert names(tokenizer, prompt)[-3:] == ["assistant", N, N] and sample.input_ids[: len(prompt)] == prompt
+    assert names(tokenizer, sample.labels) == [None] * len(prompt) + ["hello", E]
