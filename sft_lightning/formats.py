@@ -94,7 +94,9 @@ def _sharegpt_tools(value: Any, location: str) -> list[dict] | None:
     if not isinstance(tools, list):
         raise DataError(f"{location}: 'tools' must be a list of function schemas")
     # ShareGPT files list bare schemas; chat templates expect {"type": "function", "function": schema}.
-    return [tool if "function" in tool else {"type": "function", "function": tool} for tool in tools]
+    # Anything but a schema object is left as it is, for the record's validation to name.
+    return [{"type": "function", "function": tool} if isinstance(tool, dict) and "function" not in tool else tool
+            for tool in tools]
 
 
 def _from_alpaca(row: Any, location: str) -> list[dict]:

@@ -159,16 +159,16 @@ def _deepspeed_states(trainable: int, sharding: Sharding, gpus: int) -> tuple[fl
     per_gpu = lambda bytes_per_parameter, sharded: bytes_per_parameter * trainable / (gpus if sharded else 1)  # noqa: E731
     sixteen_bit = per_gpu(2, sharding.weights)
     masters, moments = per_gpu(4, sharding.optimizer), per_gpu(8, sharding.optimizer)
-    gradients = per_gpu(4, sharding.gradients) + (per_gpu(2, True) if sharding.gradients and not sharding.weights else 0.0)
+    fp32_gradients = per_gpu(4, sharding.gradients)
+    sixteen_bit_gradients = per_gpu(2, True) if sharding.gradients and not sharding.weights else 0.0
     host = 0.0
     if sharding.offload_optimizer:
         host += 16.0 * trainable
-        masters = moments = 0.0
-        gradients -= per_gpu(4, sharding.gradients)
+        masters = moments = fp32_gradients = 0.0
     if sharding.offload_weights:
         host += 2.0 * trainable
         sixteen_bit = 0.0
-    return sixteen_bit + masters, gradients, moments, host
+    return sixteen_bit + masters, fp32_gradients + sixteen_bit_gradients, moments, host
 
 
 class ParameterCounts(NamedTuple):

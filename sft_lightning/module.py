@@ -20,11 +20,11 @@ from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
 from sft_lightning.sharding import FSDP2Strategy
-from sft_lightning.zero import (
-    adamw, at_optimizer_step, deepspeed_config, float32_rotary_buffers, is_zero3, logical_ndim, loss_divisor,
-    end_zero3_loading, skips_nonfinite_steps, zero3_loading,
-)
 from sft_lightning.throughput import FlopParameters, matmul_parameters
+from sft_lightning.zero import (
+    adamw, at_optimizer_step, deepspeed_config, end_zero3_loading, float32_rotary_buffers, is_zero3, logical_ndim,
+    loss_divisor, skips_nonfinite_steps, zero3_loading,
+)
 
 # The packing check packs two spans of this many tokens from the first batch.
 PACKING_CHECK_TOKENS = 128

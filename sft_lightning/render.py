@@ -14,8 +14,8 @@ that closes the turn (see :func:`training_samples`). A template for which this i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from os.path import commonprefix
 from functools import lru_cache, partial
+from os.path import commonprefix
 from typing import Literal, NamedTuple
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -154,10 +154,11 @@ def training_samples(
     :func:`render_text`.
     """
     render = partial(render_text, tokenizer, tools=tools, system_message=system_message)
-    if tools and render(messages, False) == render_text(tokenizer, messages, False, system_message=system_message):
+    whole = render(messages, False)
+    if tools and whole == render_text(tokenizer, messages, False, system_message=system_message):
         raise TemplateError("the chat template ignores 'tools' (it has no tool support): use a model whose template renders them")
     if train_on == "all":
-        ids = _tokens(tokenizer, render(messages, False))
+        ids = _tokens(tokenizer, whole)
         return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = turns[-1:] if train_on == "last" else turns
@@ -171,7 +172,6 @@ def training_samples(
         labels[len(part.prompt) : len(part.prompt) + len(part.answer)] = part.answer
     # What the template renders after the last trained turn (a newline, later turns), never trained: with it the
     # ids equal apply_chat_template of the whole conversation.
-    whole = render(messages, False)
     if whole.startswith(last.text):
         tail = _tokens(tokenizer, whole[len(last.text) :])
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
@@ -197,10 +197,10 @@ def _cut(ids: list[int], labels: list[int], max_length: int | None) -> RenderedS
     return RenderedSample(ids[:max_length], labels[:max_length], truncated) if truncated else RenderedSample(ids, labels)
 
 
-def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _Turn:
+def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
     """The inference prompt and the trained answer of assistant message ``turn``."""
     content = messages[turn]["content"]
-    inside = next((token for token in specials if token in content), None)
+    inside = next((token for token in specials.texts if token in content), None)
     if inside is not None:
         raise TemplateError(
             f"message {turn + 1} contains the text of the special token {inside!r}, which the tokenizer would read as "
@@ -211,7 +211,7 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _
     answer_text = _opened_block_answer(prompt, whole, content, turn, specials) if opened else whole[len(prompt) :]
     encoding = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
     answer, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    end = next((t for t, token_id in enumerate(answer) if token_id in specials.values()), None)
+    end = next((t for t, token_id in enumerate(answer) if token_id in specials.ids), None)
     if end is None:
         raise TemplateError(f"the assistant message {turn + 1} is not closed by a special end-of-turn token")
     rendered = answer_text[: offsets[end][0]]
@@ -233,11 +233,12 @@ def _turn(messages, turn: int, tokenizer, specials: dict[str, int], render) -> _
     return _Turn(_tokens(tokenizer, prompt), answer[: end + 1], prompt + answer_text[: offsets[end][1]])
 
 
-def _opened_block_answer(prompt: str, whole: str, content: str, turn: int, specials: dict[str, int]) -> str:
+def _opened_block_answer(prompt: str, whole: str, content: str, turn: int, specials: _Specials) -> str:
     """The answer text after a generation prompt that the rendered turn does not continue.
 
     A prompt that differs only by whitespace at its end (a template's own line breaks) is followed by the
     rendered answer.
+
     DeepSeek-R1's prompt ends with ``<think>\n`` while its template renders an answer without the reasoning; at
     inference the model continues inside that block. The trained text is then the message's own content after
     the opening (its reasoning, ``</think>`` and the answer), closed the way the template closes the turn.
@@ -252,17 +253,23 @@ def _opened_block_answer(prompt: str, whole: str, content: str, turn: int, speci
             f"does not contain: give that turn's content as the model continues the prompt, starting with {opening!r} "
             "(for DeepSeek-R1: '<think>\\n...\\n</think>\\n\\nanswer')"
         )
-    closing = min((rendered.find(token) for token in specials if token in rendered), default=-1)
-    if closing < 0:
-        raise TemplateError(f"the assistant message {turn + 1} is not closed by a special end-of-turn token")
+    # Without a special token there, the caller finds no end-of-turn and says so.
+    closing = min((rendered.find(token) for token in specials.texts if token in rendered), default=len(rendered))
     return content[len(opening) :] + rendered[closing:]
 
 
-def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """Special token text -> id: the tokens that may end a turn."""
-    return {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens} | {
+class _Specials(NamedTuple):
+    """The special tokens, the ones that may end a turn: their texts (to find in content) and ids (to find in ids)."""
+
+    texts: tuple[str, ...]
+    ids: frozenset[int]
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> _Specials:
+    by_text = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens} | {
         token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special
     }
+    return _Specials(tuple(by_text), frozenset(by_text.values()))
 
 
 def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

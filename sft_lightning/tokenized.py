@@ -202,7 +202,7 @@ def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[
         truncated=sum(chunk.truncated for chunk in rendered),
         dropped=dict(dropped),
         expanded=sum(chunk.expanded for chunk in rendered),
-        merged_system=0 if has_system_role(tokenizer) else sum(c.messages[0]["role"] == "system" for c in conversations),
+        merged_system=sum(chunk.merged_system for chunk in rendered),
     )
 
 
@@ -216,18 +216,20 @@ class RenderedChunk(NamedTuple):
     truncated: int
     dropped: Counter  # by reason
     expanded: int  # conversations that gave one sample per assistant turn
+    merged_system: int  # conversations whose system message went into the first user turn
 
 
 _worker: dict = {}
 
 
 def _set_worker_tokenizer(tokenizer, settings: RenderSettings) -> None:
-    _worker.update(tokenizer=tokenizer, settings=settings)
+    # Rendering merges a system message only under a template that has no system role (and data.system_message auto).
+    _worker.update(tokenizer=tokenizer, settings=settings, merges_system=not has_system_role(tokenizer))
 
 
 def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     settings: RenderSettings = _worker["settings"]
-    kept, truncated, dropped, expanded = [], 0, Counter(), 0
+    kept, truncated, dropped, expanded, merged = [], 0, Counter(), 0, 0
     for record in chunk:
         try:
             samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length,
@@ -238,6 +240,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
             dropped[str(err)] += 1
             continue
         expanded += len(samples) > 1
+        merged += _worker["merges_system"] and record.messages[0]["role"] == "system"
         truncated += any(sample.truncated for sample in samples)
         trained = [sample for sample in samples if sample.supervised_tokens]
         kept.extend(trained)
@@ -247,7 +250,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
         np.array([t for s in kept for t in s.input_ids], np.int32),
         np.array([t for s in kept for t in s.labels], np.int32),
         np.array([len(s.input_ids) for s in kept], np.int64),
-        len(chunk), truncated, dropped, expanded,
+        len(chunk), truncated, dropped, expanded, merged,
     )
 
 

@@ -106,3 +106,10 @@ def test_sharegpt_function_call_and_observation_turns():
     assert chatml["tools"] == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     assert [m["role"] for m in chatml["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert chatml["messages"][1]["tool_calls"] == [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+
+
+def test_sharegpt_tools_that_are_not_schemas_are_named(tmp_path):
+    row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}], "tools": '["weather"]'}
+    path = write(tmp_path, json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: line 1: 'tools' must be a list of function schemas (objects)")):
+        read_records(path)

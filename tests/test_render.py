@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -5,6 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sft_lightning.collate import collate_training
 from sft_lightning.errors import TemplateError
+from sft_lightning.tokenized import tokenize_split
 from sft_lightning.render import (
     CHATML_TEMPLATE,
     end_of_turn_token_id,
@@ -327,3 +330,14 @@ def test_a_generation_prompt_ending_in_extra_whitespace_is_followed_by_the_answe
     prompt = render_prompt(SINGLE[:1], tokenizer)
     assert names(tokenizer, prompt)[-3:] == ["assistant", N, N] and sample.input_ids[: len(prompt)] == prompt
     assert names(tokenizer, sample.labels) == [None] * len(prompt) + ["hello", E]
+
+
+def test_the_setup_summary_counts_merged_system_messages(tmp_path):
+    specials = ["<pad>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = word_tokenizer(specials, GEMMA2_LIKE, words=("model",), pad_token="<pad>", bos_token="<bos>")
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": m}) for m in (MULTI, MULTI[1:], MULTI)) + "\n")
+    split = tokenize_split(str(path), tokenizer, 64, "assistant")
+    assert split.merged_system == 2 and "(2 system messages merged into the first user turn" in split.summary("train")
+    skipped = tokenize_split(str(path), tokenizer, 64, "assistant", skip_invalid=True, system_message="error")
+    assert skipped.merged_system == 0 and len(skipped) == 1  # refused, not merged
