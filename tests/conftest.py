@@ -58,14 +58,20 @@ def names(tokenizer, ids) -> list:
     return [None if i == -100 else tokenizer.convert_ids_to_tokens(i) for i in ids]
 
 
-def tiny_fit(root, *extra) -> subprocess.CompletedProcess:
-    """``sft-lightning fit`` on the tiny config in a subprocess; returns the completed process."""
+def cli_fit(config: str, root, *extra: str) -> subprocess.CompletedProcess:
+    """``sft-lightning fit --config configs/<config>`` in a subprocess (every rank it launches runs the command's own
+    code), writing under ``root``; returns the completed process."""
     args = [
-        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/tiny.yaml",
-        f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}", "--trainer.max_epochs=2",
-        "--checkpoint.every_n_train_steps=6", "--trainer.enable_progress_bar=false", *extra,
+        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", f"configs/{config}",
+        f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}", "--trainer.enable_progress_bar=false",
+        *extra,
     ]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def tiny_fit(root, *extra) -> subprocess.CompletedProcess:
+    """The tiny config for 2 epochs, ``last.ckpt`` every 6 steps."""
+    return cli_fit("tiny.yaml", root, "--trainer.max_epochs=2", "--checkpoint.every_n_train_steps=6", *extra)
 
 
 def final_weights(root) -> dict[str, torch.Tensor]:

@@ -1,12 +1,9 @@
 """Two CPU processes (DDP, gloo) with batch 4 each apply the same gradients as one process with batch 8, and the
 ``sft-lightning`` command itself runs DDP on 2 processes to the end (export included)."""
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import cli_fit
 from tests.test_loss import assert_same_gradients, train_gradients
 
 pytestmark = pytest.mark.slow
@@ -23,11 +20,6 @@ def test_two_ranks_share_packed_rows_with_the_same_gradients(tmp_path):
 
 
 def test_ddp_through_the_command_exits_0_and_exports(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/tiny.yaml", "--trainer.devices=2",
-         "--trainer.strategy=ddp", "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
-         f"--data.cache_dir={tmp_path / 'cache'}", "--trainer.enable_progress_bar=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    result = cli_fit("tiny.yaml", tmp_path, "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").is_file()

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import Strategy
 from safetensors.torch import load_file
 
 from sft_lightning.zero import at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
-from tests.conftest import ROOT, TINY_QWEN
+from tests.conftest import ROOT, TINY_QWEN, cli_fit
 from tests.test_loss import assert_same_gradients
 
 PRESETS = sorted((ROOT / "configs").glob("*deepspeed.yaml"))
@@ -53,15 +53,12 @@ def full(parameter, trainer, grad: bool = False) -> torch.Tensor:
 
 
 def fit(root, *extra: str) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", "configs/qwen2.5-7b-deepspeed.yaml",
-        "--trainer.accelerator=cpu", "--trainer.precision=32-true", f"--model.model_name_or_path={TINY_QWEN}",
-        "--model.learning_rate=1e-3", "--model.weight_decay=0.1", "--data.max_length=128", "--data.num_workers=0",
-        "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
-        f"--data.cache_dir={root / 'cache'}", "--trainer.callbacks+=tests.test_deepspeed.StepRecorder",
-        f"--trainer.callbacks.path={root / 'record.pt'}", *extra,
-    ]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return cli_fit(
+        "qwen2.5-7b-deepspeed.yaml", root, "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+        f"--model.model_name_or_path={TINY_QWEN}", "--model.learning_rate=1e-3", "--model.weight_decay=0.1",
+        "--data.max_length=128", "--data.num_workers=0", "--trainer.max_steps=2",
+        "--trainer.callbacks+=tests.test_deepspeed.StepRecorder", f"--trainer.callbacks.path={root / 'record.pt'}", *extra,
+    )
 
 
 @pytest.mark.slow

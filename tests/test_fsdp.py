@@ -5,7 +5,6 @@ weights are read by rank 0 only, checkpoints are sharded folders, a run killed m
 import json
 import signal
 import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -15,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 import sft_lightning.module as module_py
 from sft_lightning.cli import cli_main
-from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN
+from tests.conftest import TINY_LLAMA, TINY_QWEN, cli_fit
 
 pytestmark = pytest.mark.slow
 PRESETS = {"qwen2": ("qwen2.5-7b.yaml", TINY_QWEN), "llama": ("llama3-8b.yaml", TINY_LLAMA)}
@@ -55,16 +54,13 @@ class LoadRecorder(L.Callback):
 
 def fit(preset: str, model: str, root, *extra: str) -> subprocess.CompletedProcess:
     """A shipped preset run on this CPU with a tiny model of the same architecture and the repo's small data."""
-    args = [
-        sys.executable, "-m", "sft_lightning.cli", "fit", "--config", f"configs/{preset}",
-        "--trainer.accelerator=cpu", "--trainer.num_nodes=1", "--trainer.precision=32-true",
+    return cli_fit(
+        preset, root, "--trainer.accelerator=cpu", "--trainer.num_nodes=1", "--trainer.precision=32-true",
         f"--model.model_name_or_path={model}", "--model.learning_rate=1e-3", "--data.max_length=128",
         "--data.num_workers=0", "--trainer.max_steps=20", "--trainer.max_epochs=-1", "--checkpoint.every_n_train_steps=5",
         "--trainer.val_check_interval=1.0",  # the preset's 0.25 would validate (and save) about every step here
-        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--data.cache_dir={root / 'cache'}",
         *extra,
-    ]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
 
 
 def exported(ckpt, folder) -> dict[str, torch.Tensor]:
