@@ -25,12 +25,17 @@ from sft_lightning.memory import estimate
 from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preempted, Preemption
 from sft_lightning.throughput import ThroughputLogger
+from sft_lightning.metrics import Tokenize
 from sft_lightning.writers import JsonlPredictionWriter
 from sft_lightning.zero import deepspeed_config
 
 
 # cli_main(args) is meant to be called from Python (tests, notebooks) while sys.argv holds the caller's own flags.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
+
+
+# SFTLitModule arguments that only decide how predict (and chat) generate.
+GENERATION_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p")
 
 
 class SFTLightningCLI(LightningCLI):
@@ -68,11 +73,28 @@ class SFTLightningCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
+    def _parse_ckpt_path(self) -> None:
+        """Generation settings come from this command, never from the checkpoint.
+
+        Lightning 2.6's ``LightningCLI._parse_ckpt_path`` (private; the one override of it here) re-parses the
+        checkpoint's saved ``model`` arguments over the command line, so ``predict --ckpt_path K
+        --model.do_sample true`` would silently decode greedily with the settings saved at fit time.
+        """
+        model = self.config.get(self.config.get("subcommand") or "", {}).get("model")
+        kept = {name: model[name] for name in GENERATION_SETTINGS} if model is not None else {}
+        super()._parse_ckpt_path()
+        for name, value in kept.items():
+            self.config[self.config.subcommand].model[name] = value
+
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument("--output_path", type=Optional[str], default=None,
                                 help="JSONL file for the predictions (input messages and the generated text)")
+            parser.add_argument("--metrics_tokenize", type=Tokenize, default="auto",
+                                help="sacreBLEU tokenisation for BLEU and ROUGE-L against references: auto is zh "
+                                     "(one token per Chinese or Japanese character) when a reference has CJK text, "
+                                     "else 13a")
         return parser
 
     def _resolve_last_checkpoint(self) -> None:
@@ -124,7 +146,7 @@ class SFTLightningCLI(LightningCLI):
         output_path = self.config.predict.output_path
         if output_path is None:
             raise DataError("predict needs --output_path FILE.jsonl")
-        self.trainer.callbacks.append(JsonlPredictionWriter(output_path))
+        self.trainer.callbacks.append(JsonlPredictionWriter(output_path, self.config.predict.metrics_tokenize))
 
     def after_fit(self) -> None:
         """Export the best weights (else the last) as ``hf_model/`` in the run's log directory, on global rank 0."""

@@ -103,6 +103,9 @@ def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
         ("truncated at max_length", f"{tokenized.truncated} ({tokenized.truncated / max(tokenized.read, 1):.1%})"),
         ("turns", f"{turns['user']} user, {turns['assistant']} assistant, {turns['system']} system"
                   + (f", {turns['tool']} tool" if turns["tool"] else "")),
+        ("not the whole text tokenised at once", f"{tokenized.expanded} conversations one sample per assistant turn "
+                                                 f"(the template rewrites earlier turns), {tokenized.boundary} tokenised "
+                                                 "prompt by prompt (a token would merge across a prompt/answer boundary)"),
         ("tokens", f"{int(lengths.sum())} (mean {lengths.mean():.1f})"),
         ("length p50 / p90 / p99 / max", " / ".join(str(int(np.percentile(lengths, q))) for q in (50, 90, 99, 100))),
         ("supervised tokens", f"{supervised} ({supervised / lengths.sum():.1%} of all tokens)"),

@@ -13,6 +13,7 @@ that closes the turn (see :func:`training_samples`). A template for which this i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from os.path import commonprefix
@@ -43,6 +44,12 @@ class RenderedSample:
     input_ids: list[int]
     labels: list[int]  # the input id where trained, IGNORE_INDEX elsewhere; shifted inside the loss
     truncated: bool = False
+    # Why the sample's ids are not the whole conversation tokenised at once: "history", the template renders
+    # earlier turns differently inside later prompts (Qwen3 and DeepSeek-R1 drop their reasoning, Mistral moves the
+    # system message), so each assistant turn is a sample of its own; "boundary", the text is the same but a token
+    # merges across a prompt/answer boundary when the whole text is tokenised at once (one sample per turn when it
+    # falls inside a later prompt).
+    differs: Literal["", "history", "boundary"] = ""
 
     @property
     def supervised_tokens(self) -> int:
@@ -155,8 +162,11 @@ def training_samples(
     """
     render = partial(render_text, tokenizer, tools=tools, system_message=system_message)
     whole = render(messages, False)
-    if tools and whole == render_text(tokenizer, messages, False, system_message=system_message):
-        raise TemplateError("the chat template ignores 'tools' (it has no tool support): use a model whose template renders them")
+    if tools and _ignores_tools(tokenizer, messages, whole, system_message):
+        raise TemplateError(
+            "the chat template ignores 'tools' (it does not render function schemas): leave 'tools' out and describe "
+            "the functions in the system message, or use a model whose template renders them"
+        )
     if train_on == "all":
         ids = _tokens(tokenizer, whole)
         return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
@@ -165,17 +175,33 @@ def training_samples(
     specials = _special_tokens(tokenizer)
     parts = [_turn(messages, turn, tokenizer, specials, render) for turn in turns]
     if not _one_sample(parts):
-        return [_cut(part.prompt + part.answer, [IGNORE_INDEX] * len(part.prompt) + part.answer, max_length) for part in parts]
+        same_text = all(later.text.startswith(part.text) for part, later in zip(parts, parts[1:]))
+        reason = "boundary" if same_text else "history"
+        return [
+            _cut(part.prompt + part.answer, [IGNORE_INDEX] * len(part.prompt) + part.answer, max_length, reason)
+            for part in parts
+        ]
     last = parts[-1]
     ids, labels = last.prompt + last.answer, [IGNORE_INDEX] * len(last.prompt) + last.answer
     for part in parts[:-1]:
         labels[len(part.prompt) : len(part.prompt) + len(part.answer)] = part.answer
     # What the template renders after the last trained turn (a newline, later turns), never trained: with it the
     # ids equal apply_chat_template of the whole conversation.
+    differs = ""
     if whole.startswith(last.text):
         tail = _tokens(tokenizer, whole[len(last.text) :])
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
-    return [_cut(ids, labels, max_length)]
+        differs = "" if ids == _tokens(tokenizer, whole) else "boundary"
+    return [_cut(ids, labels, max_length, differs)]
+
+
+def _ignores_tools(tokenizer, messages: list[dict], whole: str, system_message: SystemMessage) -> bool:
+    """Whether the template renders the conversation the same without its tools (a tool-use-only template, such
+    as Hermes 2 Pro's, fails without them: it does render them)."""
+    try:
+        return whole == render_text(tokenizer, messages, False, system_message=system_message)
+    except TemplateError:
+        return False
 
 
 class _Turn(NamedTuple):
@@ -192,14 +218,15 @@ def _one_sample(parts: list[_Turn]) -> bool:
     )
 
 
-def _cut(ids: list[int], labels: list[int], max_length: int | None) -> RenderedSample:
+def _cut(ids: list[int], labels: list[int], max_length: int | None, differs: str = "") -> RenderedSample:
     truncated = max_length is not None and len(ids) > max_length
-    return RenderedSample(ids[:max_length], labels[:max_length], truncated) if truncated else RenderedSample(ids, labels)
+    return RenderedSample(ids[:max_length], labels[:max_length], truncated, differs)
 
 
 def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
     """The inference prompt and the trained answer of assistant message ``turn``."""
-    content = messages[turn]["content"]
+    message = messages[turn]
+    content = message["content"]
     inside = next((token for token in specials.texts if token in content), None)
     if inside is not None:
         raise TemplateError(
@@ -208,24 +235,29 @@ def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
         )
     prompt, whole = render(messages[:turn], True), render(messages[: turn + 1], False)
     opened = not whole.startswith(prompt)
-    answer_text = _opened_block_answer(prompt, whole, content, turn, specials) if opened else whole[len(prompt) :]
+    answer_text = _diverging_answer(prompt, whole, message, turn, specials) if opened else whole[len(prompt) :]
+    # The turn ends at the first special token after its content (or its last tool call): special tokens before
+    # it belong to the answer (gpt-oss's <|channel|>final<|message|>, Mistral's [TOOL_CALLS]).
+    anchor = _content_end(answer_text, message)
+    if not any(token in answer_text[anchor:] for token in specials.texts):
+        answer_text = answer_text[:anchor] + _closing(messages, turn, whole, tokenizer, specials, render)
     encoding = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
     answer, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    end = next((t for t, token_id in enumerate(answer) if token_id in specials.ids), None)
-    if end is None:
-        raise TemplateError(f"the assistant message {turn + 1} is not closed by a special end-of-turn token")
+    end = next(t for t, token_id in enumerate(answer) if token_id in specials.ids and offsets[t][0] >= anchor)
     rendered = answer_text[: offsets[end][0]]
-    if end == 0 and content.strip():
+    first = next((t for t, token_id in enumerate(answer) if token_id in specials.ids), end)
+    if first < end and render(messages[:turn], False) == prompt and _opens_turns(tokenizer, prompt, messages[:turn], answer[first]):
         raise TemplateError(
             f"the chat template renders the assistant header with message {turn + 1} ({answer_text[:40]!r}), not in "
             "its generation prompt (add_generation_prompt adds nothing), so the model would have to write its own header"
         )
-    calls = [call["function"]["name"] for call in messages[turn].get("tool_calls") or ()]
+    calls = [call["function"]["name"] for call in message.get("tool_calls") or ()]
     if any(name not in rendered for name in calls):
         raise TemplateError(f"the chat template does not render the tool_calls of message {turn + 1} (it has no tool support)")
-    if calls and content.strip() not in rendered:
+    visible = _visible(content)
+    if calls and visible not in rendered:
         raise TemplateError(f"the chat template does not render the content of message {turn + 1} beside its tool_calls")
-    if not calls and not opened and content.strip() and not rendered.rstrip().endswith(content.strip()):
+    if not calls and not opened and visible and not rendered.rstrip().endswith(visible):
         raise TemplateError(
             f"the chat template renders more than the content between the generation prompt and the end-of-turn "
             f"token of message {turn + 1}: {rendered[:80]!r}"
@@ -233,29 +265,106 @@ def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
     return _Turn(_tokens(tokenizer, prompt), answer[: end + 1], prompt + answer_text[: offsets[end][1]])
 
 
-def _opened_block_answer(prompt: str, whole: str, content: str, turn: int, specials: _Specials) -> str:
-    """The answer text after a generation prompt that the rendered turn does not continue.
+def _visible(content: str) -> str:
+    """The answer part of a message's content: after its reasoning block, which templates render apart or drop."""
+    return content.split("</think>")[-1].strip()
 
-    A prompt that differs only by whitespace at its end (a template's own line breaks) is followed by the
-    rendered answer.
 
-    DeepSeek-R1's prompt ends with ``<think>\n`` while its template renders an answer without the reasoning; at
-    inference the model continues inside that block. The trained text is then the message's own content after
-    the opening (its reasoning, ``</think>`` and the answer), closed the way the template closes the turn.
+def _content_end(answer_text: str, message: dict) -> int:
+    """Where the message's content (or, without content, its last tool call's name) ends in its rendered text."""
+    calls = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+    marks = [mark for mark in (_visible(message["content"]), *calls[-1:]) if mark and mark in answer_text]
+    return max((answer_text.rfind(mark) + len(mark) for mark in marks), default=0)
+
+
+def _closing(messages, turn: int, whole: str, tokenizer, specials: _Specials, render) -> str:
+    """The end of a turn that the template does not close with a special token of its own.
+
+    GLM-4 renders nothing after an answer; the next turn's opening token (``<|user|>``) ends it, and is among the
+    model's stop tokens: it is trained, with whatever the template renders before it. A template without any
+    special token between turns (plain ``User:``/``Assistant:`` formats) gets the tokenizer's EOS token after the
+    answer, as generation needs a token to stop at; such a turn is not the start of the next turn's prompt, so the
+    conversation becomes one sample per turn.
+    """
+    try:
+        following = render([*messages[: turn + 1], {"role": "user", "content": "ping"}], False)
+    except TemplateError:  # a template that wants a tool result after a tool call, say
+        following = ""
+    if following.startswith(whole):
+        gap = following[len(whole) :]
+        found = [(gap.find(token), token) for token in specials.texts if token in gap]
+        if found:
+            position, token = min(found)
+            return gap[: position + len(token)]
+    if tokenizer.eos_token is None:
+        raise TemplateError(
+            f"the assistant message {turn + 1} is not closed by a special end-of-turn token, and the tokenizer has no "
+            "EOS token to close it with"
+        )
+    return tokenizer.eos_token
+
+
+def _opens_turns(tokenizer, prompt: str, before: list[dict], token_id: int) -> bool:
+    """Whether the special token is part of the header in front of the last message before the turn (a role
+    header such as ``<|im_start|>``), rather than the start of an answer (Cohere's ``<|START_THINKING|>``)."""
+    content = before[-1]["content"] if before else ""
+    position = prompt.rfind(content) if content else len(prompt)
+    # The header: what the template renders in front of the message's content.
+    return tokenizer.convert_ids_to_tokens(token_id) in prompt[max(position - 64, 0) : position]
+
+
+def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, specials: _Specials) -> str:
+    """The answer text after a generation prompt that the rendered conversation does not continue.
+
+    - The prompt only ends with whitespace the rendered turn lacks (templates kept with their line breaks): the
+      rendered answer follows it.
+    - The prompt opens a block (DeepSeek-R1, QwQ: ``<think>\n``) that the template drops from the rendered answer; at
+      inference the model continues inside it. The trained text is the turn's reasoning, the block's closing tag
+      and the answer, as the template renders it: the content itself when it starts with the opening
+      (``<think>\n...\n</think>\n\nanswer``), else ``reasoning_content`` (empty when absent, as Qwen3 writes a turn
+      without reasoning) in the same layout.
+    - Otherwise the prompt differs before the answer (Mistral v0.3 puts the system message into the latest user
+      turn only; Gemma 4 opens and closes an empty thought block in the prompt): the answer is the content onward,
+      as the template renders it.
     """
     shared = len(commonprefix([prompt, whole]))
+    # Back to a line or tag boundary, so that "<think>" against "<tool_call>" does not leave "hink>".
+    shared = max(prompt.rfind(">", 0, shared), prompt.rfind("\n", 0, shared)) + 1 if shared < len(prompt) else shared
     opening, rendered = prompt[shared:], whole[shared:]
-    if not opening.strip():  # the prompt only ends with whitespace the rendered turn lacks: the answer follows it
+    if not opening.strip():
         return rendered.lstrip()
-    if not content.startswith(opening):
-        raise TemplateError(
-            f"the chat template's generation prompt ends with {opening!r}, which its rendering of message {turn + 1} "
-            f"does not contain: give that turn's content as the model continues the prompt, starting with {opening!r} "
-            "(for DeepSeek-R1: '<think>\\n...\\n</think>\\n\\nanswer')"
-        )
-    # Without a special token there, the caller finds no end-of-turn and says so.
-    closing = min((rendered.find(token) for token in specials.texts if token in rendered), default=len(rendered))
-    return content[len(opening) :] + rendered[closing:]
+    content = message["content"]
+    tag = re.fullmatch(r"<(\w+)>", opening.strip())
+    if tag and content.startswith(opening):
+        closing = min((rendered.find(token) for token in specials.texts if token in rendered), default=len(rendered))
+        return content[len(opening) :] + rendered[closing:]
+    if tag:
+        reasoning = (message.get("reasoning_content") or "").strip("\n")
+        return ("" if opening.endswith("\n") else "\n") + f"{reasoning}\n</{tag[1]}>\n\n{rendered.lstrip()}"
+    visible = _visible(content)
+    calls = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+    start = None
+    if visible and visible in rendered:
+        start = whole.rfind(visible)
+    elif not visible and calls and calls[0] in rendered:
+        # A tool call: from the special tokens that open it (Mistral's [TOOL_CALLS], Gemma 4's <|tool_call>).
+        start = shared + rendered.find(calls[0])
+        while (before := [t for t in specials.texts if whole.endswith(t, shared, start)]) and start > shared:
+            start -= len(before[0])
+    if start is not None:
+        answer = whole[start:]
+        end = _content_end(answer, message)
+        closing = min((answer.find(t, end) for t in specials.texts if t in answer[end:]), default=-1)
+        if closing >= 0 and not answer[closing:].strip() in specials.texts:
+            raise TemplateError(
+                f"the chat template renders message {turn + 1} inside the conversation, followed by "
+                f"{answer[closing:][:60]!r}, not after its generation prompt: it cannot be trained as inference sees it"
+            )
+        return answer
+    raise TemplateError(
+        f"the chat template's generation prompt ends with {opening!r}, which its rendering of message {turn + 1} "
+        f"does not contain: give that turn's content as the model continues the prompt, starting with {opening!r}"
+    )
 
 
 class _Specials(NamedTuple):

@@ -49,7 +49,8 @@ class TokenizedSplit:
     read: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    expanded: int = 0  # conversations trained turn by turn (one sample per assistant turn)
+    expanded: int = 0  # conversations trained turn by turn: the template rewrites earlier turns in later prompts
+    boundary: int = 0  # conversations whose ids differ from the whole text tokenised at once (a merge at a boundary)
     merged_system: int = 0  # system messages merged into the first user turn (a template without a system role)
     from_cache: bool = False
 
@@ -85,10 +86,13 @@ class TokenizedSplit:
 
     @property
     def _expansion(self) -> str:
-        if not self.expanded:
-            return ""
-        return (f" ({self.expanded} conversations as one sample per assistant turn: their earlier turns render or "
-                "tokenise differently inside later prompts)")
+        counted = [
+            (self.expanded, "as one sample per assistant turn: the template renders earlier turns differently inside "
+                            "later prompts"),
+            (self.boundary, "tokenised prompt by prompt: a token would merge across a prompt/answer boundary if the "
+                            "whole text were tokenised at once"),
+        ]
+        return "".join(f" ({count} conversations {why})" for count, why in counted if count)
 
     @property
     def _merged(self) -> str:
@@ -100,7 +104,7 @@ class TokenizedSplit:
         for name in ARRAYS:
             np.save(folder / f"{name}.npy", getattr(self, name))
         meta = {"path": self.path, "read": self.read, "truncated": self.truncated, "dropped": self.dropped,
-                "expanded": self.expanded, "merged_system": self.merged_system}
+                "expanded": self.expanded, "boundary": self.boundary, "merged_system": self.merged_system}
         (folder / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
@@ -202,6 +206,7 @@ def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[
         truncated=sum(chunk.truncated for chunk in rendered),
         dropped=dict(dropped),
         expanded=sum(chunk.expanded for chunk in rendered),
+        boundary=sum(chunk.boundary for chunk in rendered),
         merged_system=sum(chunk.merged_system for chunk in rendered),
     )
 
@@ -215,7 +220,8 @@ class RenderedChunk(NamedTuple):
     read: int
     truncated: int
     dropped: Counter  # by reason
-    expanded: int  # conversations that gave one sample per assistant turn
+    expanded: int  # conversations that gave one sample per assistant turn: the template rewrites history
+    boundary: int  # ... the text chains, the tokens do not
     merged_system: int  # conversations whose system message went into the first user turn
 
 
@@ -229,7 +235,8 @@ def _set_worker_tokenizer(tokenizer, settings: RenderSettings) -> None:
 
 def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     settings: RenderSettings = _worker["settings"]
-    kept, truncated, dropped, expanded, merged = [], 0, Counter(), 0, 0
+    kept, truncated, dropped, merged = [], 0, Counter(), 0
+    differs = Counter()
     for record in chunk:
         try:
             samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length,
@@ -239,7 +246,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
                 raise DataError(f"{record.location}: {err}") from None
             dropped[str(err)] += 1
             continue
-        expanded += len(samples) > 1
+        differs[samples[0].differs] += 1
         merged += _worker["merges_system"] and record.messages[0]["role"] == "system"
         truncated += any(sample.truncated for sample in samples)
         trained = [sample for sample in samples if sample.supervised_tokens]
@@ -250,7 +257,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
         np.array([t for s in kept for t in s.input_ids], np.int32),
         np.array([t for s in kept for t in s.labels], np.int32),
         np.array([len(s.input_ids) for s in kept], np.int64),
-        len(chunk), truncated, dropped, expanded, merged,
+        len(chunk), truncated, dropped, differs["history"], differs["boundary"], merged,
     )
 
 

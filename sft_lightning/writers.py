@@ -9,16 +9,19 @@ from pathlib import Path
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from sft_lightning.metrics import generation_metrics
+from sft_lightning.metrics import Tokenize, generation_metrics
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    def __init__(self, output_path: str) -> None:
+    def __init__(self, output_path: str, metrics_tokenize: Tokenize = "auto") -> None:
         """Args:
-        output_path: JSONL file; each line holds the input ``messages`` and the generated ``prediction``.
+        output_path: JSONL file (UTF-8, any script as itself); each line holds the input ``messages`` and the
+            generated ``prediction``.
+        metrics_tokenize: tokenisation for BLEU and ROUGE-L (see :func:`~sft_lightning.metrics.choose_tokenize`).
         """
         super().__init__(write_interval="epoch")
         self.output_path = Path(output_path)
+        self.metrics_tokenize = metrics_tokenize
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         rows = [row for batch in predictions for row in batch]
@@ -34,7 +37,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         partial = self.output_path.with_name(self.output_path.name + ".partial")
         with partial.open("w", encoding="utf-8") as out:
             for index, record in enumerate(records):
-                out.write(json.dumps({"messages": record.messages, "prediction": by_index[index]}) + "\n")
+                out.write(json.dumps({"messages": record.messages, "prediction": by_index[index]}, ensure_ascii=False) + "\n")
         os.replace(partial, self.output_path)
         print(f"wrote {len(records)} predictions to {self.output_path}")
         scored = [(by_index[i], r.messages[-1]["content"]) for i, r in enumerate(records) if r.messages[-1]["role"] == "assistant"]
@@ -43,10 +46,11 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _write_metrics(self, predictions, references) -> None:
         """Inputs that end with an assistant turn carry a reference answer: score the predictions against them."""
-        metrics = generation_metrics(list(predictions), list(references))
+        metrics = generation_metrics(list(predictions), list(references), self.metrics_tokenize)
         path = self.output_path.with_suffix(".metrics.json")
         path.write_text(json.dumps(metrics, indent=1) + "\n")
         print(
             f"{metrics['count']} predictions with a reference: exact match {metrics['exact_match']:.3f}, "
-            f"BLEU {metrics['bleu']:.3f}, ROUGE-L {metrics['rouge_l']:.3f} (written to {path})"
+            f"BLEU {metrics['bleu']:.3f}, ROUGE-L {metrics['rouge_l']:.3f} ({metrics['tokenize']} tokenisation; "
+            f"written to {path})"
         )

@@ -112,8 +112,8 @@ def test_check_fails_on_a_template_that_cannot_be_masked(tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(TINY_QWEN, model)
     (model / "chat_template.jinja").write_text(
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + ' [edited]<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     with pytest.raises(SystemExit) as exited:
         cli_main(["data", "check", "--config", write_config(tmp_path, model)])
@@ -121,5 +121,5 @@ def test_check_fails_on_a_template_that_cannot_be_masked(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "FAIL" in captured.out
     assert captured.err == ("sft-lightning: error: data check failed: "
-                            f"{ROOT / 'data' / 'chatml_data.json'}: record 1: the assistant message 3 is not closed by a "
-                            "special end-of-turn token\n")
+                            f"{ROOT / 'data' / 'chatml_data.json'}: record 1: the chat template renders more than the content "
+                            "between the generation prompt and the end-of-turn token of message 3: 'river backwards is revir. [edited]'\n")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -103,6 +104,14 @@ def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkey
     exact = sum(r["prediction"] == r["messages"][-1]["content"] for r in rows) / len(rows)
     assert metrics["count"] == len(rows) and metrics["exact_match"] == pytest.approx(exact)
     assert 0 <= metrics["bleu"] <= 1 and 0 <= metrics["rouge_l"] <= 1
+    # Generation settings on the command line win over the ones saved in the checkpoint.
+    short = tmp_path / "short.jsonl"
+    cli_main(["predict", *run["args"], f"--ckpt_path={ckpt}", f"--data.predict_path={VAL}", f"--output_path={short}",
+              "--model.max_new_tokens=1"])
+    tokenizer = AutoTokenizer.from_pretrained(run["log_dir"] / "hf_model")
+    cut = [json.loads(line)["prediction"] for line in short.read_text().splitlines()]
+    assert all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 1 for text in cut)
+    assert cut != [r["prediction"] for r in rows]
 
     export_dir = tmp_path / "hf"
     cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])
@@ -123,3 +132,30 @@ def test_chat_through_a_pipe_uses_the_history_and_stops_at_end_of_turn(run):
     # The second turn's prompt, as rendered by the training code, carries the first exchange.
     assert (f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n{replies[0]}<|im_end|>\n"
             f"<|im_start|>user\n{second}<|im_end|>\n<|im_start|>assistant\n") in prompts
+
+
+def test_qwen3_template_fit_predict_and_export_answer_alike(tmp_path, monkeypatch):
+    """Qwen3's real template rewrites history (earlier turns lose their <think> block): fit trains turn by turn,
+    and predict and plain transformers on the export give the same text from the same prompt."""
+    model = tmp_path / "tiny-qwen3"
+    shutil.copytree(ROOT / "models" / "tiny-qwen2", model)
+    (model / "chat_template.jinja").write_text((ROOT / "tests" / "templates" / "Qwen--Qwen3-1.7B.jinja").read_text())
+    monkeypatch.chdir(ROOT)
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            f"--data.cache_dir={tmp_path / 'cache'}", f"--model.model_name_or_path={model}"]
+    cli_main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
+    ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
+    out = tmp_path / "pred.jsonl"
+    predict = [f"--ckpt_path={ckpt}", f"--data.predict_path={VAL}", f"--output_path={out}", "--model.max_new_tokens=24"]
+    cli_main(["predict", *args, *predict])
+    rows = [json.loads(line) for line in out.read_text().splitlines()][:6]
+    export_dir = tmp_path / "hf"
+    cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    assert "<think>" in tokenizer.chat_template
+    exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, return_tensors="pt")
+        generated = exported.generate(**prompt, max_new_tokens=24, do_sample=False)
+        answer = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer == row["prediction"]

@@ -171,6 +171,7 @@ def test_history_rewriting_template_trains_each_turn_as_inference_sees_it():
     tokenizer = word_tokenizer(["<pad>", S, E], QWEN3_LIKE, words=(T0, T1), pad_token="<pad>", eos_token=E)
     messages = MULTI[:-1] + [{**MULTI[-1], "reasoning_content": "be brief"}]
     first, second = training_samples(messages, tokenizer)
+    assert first.differs == second.differs == "history"
     history = [S, "system", N, "be", "brief", E, N, S, "user", N, "hi", E, N]
     assert names(tokenizer, first.input_ids) == history + [S, "assistant", N, T0, N, N, T1, N, N, "hello", E]
     assert names(tokenizer, first.labels) == [None] * 16 + [T0, N, N, T1, N, N, "hello", E]
@@ -237,6 +238,7 @@ def test_a_token_merging_across_the_prompt_boundary_never_enters_the_prompt():
                                         chat_template=TEST_CHATML)
     messages = [SINGLE[0], {"role": "assistant", "content": "\nhello"}, MULTI[3], MULTI[4]]
     first, second = training_samples(messages, tokenizer)  # one sample would put "\n\n" in the second prompt
+    assert first.differs == second.differs == "boundary"  # counted apart in the setup summary and data check
     prompt = render_prompt(messages[:1], tokenizer)
     assert first.input_ids[: len(prompt)] == prompt and names(tokenizer, prompt)[-1] == N
     assert names(tokenizer, first.labels) == [None] * len(prompt) + [N, "hello", E]
@@ -318,8 +320,12 @@ def test_generation_prompt_that_opens_a_reasoning_block_trains_the_continuation(
                                        "<|User|>", "how", "are", "you", "<|Assistant|>", T0, N]
     assert second.input_ids[: len(later)] == later
     assert names(tokenizer, second.labels)[len(later):] == ["fine", N, T1, N, N, "fine", "thanks", "<|end|>"]
-    with pytest.raises(TemplateError, match="generation prompt ends with '<think>\\\\n'"):
-        training_samples(MULTI[1:3], tokenizer)  # a plain answer cannot continue an opened reasoning block
+    # A plain answer continues the opened block as an empty one (Qwen3's layout for a turn without reasoning);
+    # a reasoning_content field fills it.
+    [plain] = training_samples(MULTI[1:3], tokenizer)
+    assert names(tokenizer, plain.labels) == [None] * 6 + [N, T1, N, N, "hello", "<|end|>"]
+    [field] = training_samples([MULTI[1], {**MULTI[2], "reasoning_content": "be brief"}], tokenizer)
+    assert names(tokenizer, field.labels) == [None] * 6 + ["be", "brief", N, T1, N, N, "hello", "<|end|>"]
 
 
 def test_a_generation_prompt_ending_in_extra_whitespace_is_followed_by_the_answer():
@@ -341,3 +347,54 @@ def test_the_setup_summary_counts_merged_system_messages(tmp_path):
     assert split.merged_system == 2 and "(2 system messages merged into the first user turn" in split.summary("train")
     skipped = tokenize_split(str(path), tokenizer, 64, "assistant", skip_invalid=True, system_message="error")
     assert skipped.merged_system == 0 and len(skipped) == 1  # refused, not merged
+
+
+GLM4_LIKE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def test_a_turn_closed_only_by_the_next_turns_opening_token_trains_that_token():
+    # GLM-4 renders nothing after an answer: the next <|user|> ends it (and is among the model's stop tokens).
+    specials = ["<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tokenizer = word_tokenizer(specials, GLM4_LIKE, pad_token="<pad>")
+    [sample] = training_samples(MULTI[1:], tokenizer)
+    U, A = "<|user|>", "<|assistant|>"
+    assert names(tokenizer, sample.input_ids) == [U, N, "hi", A, N, "hello", U, N, "how", "are", "you", A, N, "fine", "thanks", U]
+    assert names(tokenizer, sample.labels) == [None] * 4 + [N, "hello", U] + [None] * 5 + [N, "fine", "thanks", U]
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_token_id(tokenizer)) == U
+
+
+def test_a_template_without_any_closing_token_gets_eos_after_each_answer():
+    plain = (
+        "{% for m in messages %}{{ m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant\\n' }}{% endif %}"
+    )
+    tokenizer = word_tokenizer(["<pad>", "</s>"], plain, pad_token="<pad>", eos_token="</s>")
+    first, second = training_samples(MULTI[1:], tokenizer)  # the EOS is not in the next turn's prompt
+    assert names(tokenizer, first.labels) == [None] * 6 + ["hello", "</s>"]
+    assert names(tokenizer, second.input_ids) == ["user", N, "hi", N, "assistant", N, "hello", N, "user", N, "how", "are",
+                                                  "you", N, "assistant", N, "fine", "thanks", "</s>"]
+    assert names(tokenizer, second.labels) == [None] * 16 + ["fine", "thanks", "</s>"]
+
+
+# Mistral v0.3: the system message goes into the latest user turn only, so it moves from turn to turn.
+MISTRAL_V3_LIKE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- set msgs = messages[1:] %}"
+    "{%- else %}{%- set msgs = messages %}{%- endif %}{{ bos_token }}{%- for m in msgs %}{%- if m['role'] == 'user' %}"
+    "{%- if loop.last and system is defined %}{{ '[INST] ' + system + ' ' + m['content'] + ' [/INST]' }}"
+    "{%- else %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{%- endif %}{%- else %}{{ ' ' + m['content'] + eos_token }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_system_message_that_moves_to_the_latest_user_turn_is_trained_as_each_prompt_shows_it():
+    tokenizer = word_tokenizer(["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], MISTRAL_V3_LIKE, bos_token="<s>", eos_token="</s>")
+    first, second = training_samples(MULTI, tokenizer)
+    assert first.differs == second.differs == "history"
+    assert names(tokenizer, first.input_ids) == ["<s>", "[INST]", "be", "brief", "hi", "[/INST]", "hello", "</s>"]
+    assert names(tokenizer, first.labels) == [None] * 6 + ["hello", "</s>"]
+    prompt = ["<s>", "[INST]", "hi", "[/INST]", "hello", "</s>", "[INST]", "be", "brief", "how", "are", "you", "[/INST]"]
+    assert names(tokenizer, second.input_ids) == prompt + ["fine", "thanks", "</s>"]
+    assert names(tokenizer, second.labels) == [None] * len(prompt) + ["fine", "thanks", "</s>"]
