@@ -2,7 +2,7 @@
 
     python scripts/build_tiny_assets.py
 
-writes ``data/chatml_{data,val}.json`` and, in Hugging Face format, ``models/tiny-qwen2`` (Qwen2 architecture,
+writes ``data/chatml_{data,val}.json`` (and the Chinese ``data/chatml_zh{,_val}.json``) and, in Hugging Face format, ``models/tiny-qwen2`` (Qwen2 architecture,
 ChatML template) and ``models/tiny-llama3`` (Llama architecture, Llama-3 header template). Both use a
 byte-level BPE tokenizer trained here on the sample data, so any text round-trips. The models load through
 ``from_pretrained`` exactly like a hub model; they are small enough to train on a laptop CPU in seconds.
@@ -25,7 +25,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from sft_lightning.data import COUNTRIES, WORDS, example_conversation
+from sft_lightning.data import COUNTRIES, WORDS, example_conversation, example_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -51,6 +51,14 @@ def write_data(rng: random.Random) -> list[dict]:
     for name, rows in (("chatml_data.json", conversations[:320]), ("chatml_val.json", conversations[320:])):
         (ROOT / "data" / name).write_text(json.dumps(rows, indent=1) + "\n")
     return conversations
+
+
+def write_chinese_data() -> None:
+    """The same kind of sample data in Chinese (``data/chatml_zh{,_val}.json``); the tiny tokenizers are byte-level,
+    so they spell any character."""
+    conversations = example_conversations(360, seed=SEED, language="zh")
+    for name, rows in (("chatml_zh.json", conversations[:320]), ("chatml_zh_val.json", conversations[320:])):
+        (ROOT / "data" / name).write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def train_tokenizer(corpus: list[str], special_tokens: list[str]) -> Tokenizer:
@@ -82,6 +90,7 @@ def save_model(name, model_cls, config, tokenizer: PreTrainedTokenizerFast, stop
 def main() -> None:
     rng = random.Random(SEED)
     conversations = write_data(rng)
+    write_chinese_data()
     corpus = [m["content"] for c in conversations for m in c["messages"]] + ["system", "user", "assistant"]
     corpus += [" ".join(WORDS + list(COUNTRIES.values()))] * 4
     sizes = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -1,7 +1,8 @@
 """``sft-lightning chat``: talk to a trained model, rendered with exactly the code used in training.
 
-Interactive on a terminal (history kept, tokens streamed, ``/reset``, ``/system <text>``, ``/exit``); from a
-pipe it reads one user message per line and prints one reply per line with no decoration, so it scripts:
+Interactive on a terminal: line editing and input history (readline), tokens streamed, Ctrl-C stops a reply
+(the exchange is dropped) without leaving, Ctrl-D or ``/exit`` leaves, ``/help`` lists the commands. From a pipe it
+reads one user message per line and prints one reply per line with no decoration, so it scripts:
 ``printf 'hi\\n/exit\\n' | sft-lightning chat --model_path D``.
 """
 
@@ -18,7 +19,13 @@ from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.module import SFTLitModule
 from sft_lightning.render import render_prompt, render_text, stop_token_ids
 
-COMMANDS = "/reset (forget the conversation), /system <text> (set the system prompt and reset), /exit"
+COMMANDS = "/help, /reset (forget the conversation), /system <text> (set the system prompt and reset), /exit (or Ctrl-D)"
+HELP = """commands:
+  /reset          forget the conversation (the system prompt stays)
+  /system <text>  set the system prompt and start a new conversation
+  /exit           leave (Ctrl-D too)
+  /help           this list
+Ctrl-C stops a reply as it is written; arrow keys edit the line and walk the input history."""
 
 
 class ChatSession:
@@ -45,9 +52,13 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         ids = torch.tensor([render_prompt(self.messages, self.tokenizer)], device=self.model.device)
         streamer = _Streamer(self.tokenizer, on_text) if on_text else None
-        answer = generate_replies(
-            self.model, self.tokenizer, ids, torch.ones_like(ids), self.settings, self.stops, streamer
-        )[0]
+        try:
+            answer = generate_replies(
+                self.model, self.tokenizer, ids, torch.ones_like(ids), self.settings, self.stops, streamer
+            )[0]
+        except KeyboardInterrupt:  # stopped by the user: the exchange is not part of the conversation
+            self.messages.pop()
+            raise
         self.messages.append({"role": "assistant", "content": answer.text})
         return answer.text, answer.stopped
 
@@ -106,34 +117,65 @@ def chat(
 
 
 def run_session(session: ChatSession, lines: TextIO, out: TextIO, err: TextIO, interactive: bool, show_prompt: bool) -> None:
-    """The REPL loop, on any streams (tests drive it with StringIO)."""
+    """The REPL loop, on any streams (tests drive it with StringIO, and through a pseudo-terminal)."""
+    terminal = interactive and lines is sys.stdin and sys.stdin.isatty()
+    if terminal:
+        import readline  # noqa: F401  (input() then edits lines and keeps their history)
+    notes = out if interactive else err  # confirmations: on the terminal, or to stderr when piped
     while True:
-        if interactive:
-            out.write("you> ")
-            out.flush()
-        line = lines.readline()
-        if not line:
+        try:
+            text = _read_line(lines, out, interactive, terminal)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in a shell
+            out.write("\n")
+            continue
+        if text is None or text.strip() == "/exit":
+            if interactive:
+                out.write("\n" if text is None else "")  # Ctrl-D leaves the cursor mid-line
             break
-        text = line.rstrip("\n")
-        if text.strip() == "/exit":
-            break
-        if text.strip() == "/reset":
+        command = text.strip()
+        if command == "/help":
+            notes.write(HELP + "\n")
+            continue
+        if command == "/reset":
             session.reset()
+            notes.write("(conversation reset)\n")
             continue
-        if text.startswith("/system "):
-            session.reset(text.removeprefix("/system ").strip())
+        if command.startswith("/system"):
+            session.reset(command.removeprefix("/system").strip() or None)
+            notes.write(f"(system prompt set to {session.system_prompt!r}; conversation reset)\n")
             continue
-        if not text.strip():
+        if command.startswith("/") and " " not in command:
+            notes.write(f"(unknown command {command}; /help lists them)\n")
+            continue
+        if not command:
             continue
         if show_prompt:
             err.write(session.prompt_text(text) + "\n")
-        if interactive:
-            out.write("assistant> ")
-            reply, stopped = session.reply(text, on_text=lambda piece: (out.write(piece), out.flush()))
-            out.write("\n")
-        else:
-            reply, stopped = session.reply(text)
-            out.write(reply.replace("\n", " ") + "\n")  # one reply per line, for scripts
-            out.flush()
+        try:
+            if interactive:
+                out.write("assistant> ")
+                reply, stopped = session.reply(text, on_text=lambda piece: (out.write(piece), out.flush()))
+                out.write("\n")
+            else:
+                reply, stopped = session.reply(text)
+                out.write(reply.replace("\n", " ") + "\n")  # one reply per line, for scripts
+                out.flush()
+        except KeyboardInterrupt:
+            out.write("\n(reply stopped; not kept in the conversation)\n")
+            continue
         if not stopped:
             err.write(f"(reply cut at max_new_tokens={session.settings.max_new_tokens})\n")
+
+
+def _read_line(lines: TextIO, out: TextIO, interactive: bool, terminal: bool) -> Optional[str]:
+    """The next user line, or None at the end of input (Ctrl-D)."""
+    if terminal:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+    if interactive:
+        out.write("you> ")
+        out.flush()
+    line = lines.readline()
+    return line.rstrip("\n") if line else None

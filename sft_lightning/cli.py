@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig
 
@@ -20,6 +22,7 @@ from sft_lightning.data import convert, sample
 from sft_lightning.data_check import check
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.export import export
+from sft_lightning.fit_summary import FitSummary
 from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
 from sft_lightning.memory import estimate
 from sft_lightning.module import SFTLitModule
@@ -46,9 +49,24 @@ class SFTLightningCLI(LightningCLI):
             trainer_defaults={"default_root_dir": "outputs"},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module owns AdamW and its schedule
+            # A prefix of an option (--trainer.max_epoch) is an error, not silently that option.
+            parser_kwargs={"allow_abbrev": False, **kwargs.pop("parser_kwargs", {})},
             args=args,
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, after checking that a GPU config has a GPU to run on (Lightning's own error is a traceback)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = str(config.trainer.accelerator)
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            source = ", ".join(str(path) for path in config.get("config") or []) or "the config"
+            raise ConfigError(
+                f"{source} asks for trainer.accelerator={accelerator} and this machine has no CUDA GPU: run it on a GPU "
+                "machine, or add --trainer.accelerator=cpu --trainer.devices=1 --trainer.strategy=auto "
+                "--trainer.precision=32-true"
+            )
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
@@ -139,7 +157,17 @@ class SFTLightningCLI(LightningCLI):
                 "(max_position_embeddings): lower data.max_length"
             )
 
-    before_fit = before_validate = before_test = _before_any
+    before_validate = before_test = _before_any
+
+    def before_fit(self) -> None:
+        self._before_any()
+        self.trainer.callbacks.append(FitSummary())
+        if self.datamodule.hparams.val_path is None:
+            # Without validation there is no val_loss to choose checkpoints by (Lightning would warn every epoch).
+            for callback in self.trainer.checkpoint_callbacks:
+                if callback.monitor == "val_loss":
+                    callback.monitor, callback.filename = None, "step{step:06d}"
+            rank_zero_info("no data.val_path: checkpoints keep the latest step, and early stopping never triggers")
 
     def before_predict(self) -> None:
         self._before_any()
@@ -147,6 +175,9 @@ class SFTLightningCLI(LightningCLI):
         if output_path is None:
             raise DataError("predict needs --output_path FILE.jsonl")
         self.trainer.callbacks.append(JsonlPredictionWriter(output_path, self.config.predict.metrics_tokenize))
+        # Predict logs nothing: no new version_N folder beside the training runs (nor its config.yaml).
+        self.trainer.logger = None
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
 
     def after_fit(self) -> None:
         """Export the best weights (else the last) as ``hf_model/`` in the run's log directory, on global rank 0."""
@@ -161,8 +192,9 @@ class SFTLightningCLI(LightningCLI):
 
 def function_parser(function: Callable, prog: Optional[str] = None, positional: bool = False) -> ArgumentParser:
     """A parser whose options are ``function``'s typed, documented parameters (``--help`` shows them)."""
-    parser = ArgumentParser(prog=prog, description=function.__doc__.splitlines()[0])
-    parser.add_function_arguments(function, as_positional=positional)
+    parser = ArgumentParser(prog=prog, description=function.__doc__.splitlines()[0], allow_abbrev=False)
+    # `overrides` (data check) collects the fit options that follow the config; not an option of its own.
+    parser.add_function_arguments(function, as_positional=positional, skip={"overrides"})
     return parser
 
 
@@ -172,25 +204,81 @@ def run_function(function: Callable, prog: str, args: list[str]) -> None:
 
 def data_main(args: list[str]) -> None:
     """``sft-lightning data sample | convert | check``: one subcommand per function, required values positional."""
-    parser = ArgumentParser(prog="sft-lightning data", description="Data tools.")
+    parser = ArgumentParser(prog="sft-lightning data", description="Data tools.", allow_abbrev=False)
     subcommands = parser.add_subcommands()
     for name, function in DATA_COMMANDS.items():
         command = function_parser(function, positional=name != "check")  # check --config C, like fit
         subcommands.add_subcommand(name, command, help=command.description)
+    args, overrides = _config_overrides(args) if args[:1] == ["check"] else (args, [])
     # `--from sharegpt` reads better than the parameter's name.
     config = parser.parse_args(["--from_format" if arg == "--from" else arg for arg in args])
     name = config.subcommand
-    DATA_COMMANDS[name](**vars(config[name]))
+    options = vars(config[name]) | ({"overrides": tuple(overrides)} if name == "check" else {})
+    DATA_COMMANDS[name](**options)
+
+
+def _config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``data check``'s own options from the ``--model.*``/``--data.*`` ones it passes to the fit parser."""
+    own, passed, rest = [], [], iter(args)
+    for arg in rest:
+        if arg.startswith(("--model.", "--data.")):
+            passed += [arg] if "=" in arg else [arg, next(rest, "")]
+        else:
+            own.append(arg)
+    return own, passed
 
 
 DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check}
+# The seed trainer's flags (sft_train.py, inference.py) and ours, so that a seed user's command gets one line back.
+SEED_FLAGS = {
+    "--model_name": "--model.model_name_or_path", "--data_path": "--data.train_path (predict: --data.predict_path)",
+    "--output_dir": "--trainer.default_root_dir", "--num_epochs": "--trainer.max_epochs",
+    "--num_train_epochs": "--trainer.max_epochs", "--batch_size": "--data.batch_size",
+    "--per_device_train_batch_size": "--data.batch_size", "--learning_rate": "--model.learning_rate",
+    "--gradient_accumulation_steps": "--trainer.accumulate_grad_batches", "--max_length": "--data.max_length",
+    "--warmup_ratio": "--model.warmup_ratio", "--weight_decay": "--model.weight_decay",
+    "--fp16": "--trainer.precision=16-mixed", "--bf16": "--trainer.precision=bf16-mixed",
+    "--mode": "sft-lightning chat (--mode chat) or sft-lightning predict (--mode batch)",
+    "--system_prompt": "sft-lightning chat --system_prompt",
+}
+USAGE = """usage: sft-lightning VERB [options]   (sft-lightning VERB --help for a verb's options)
+
+Supervised fine-tuning of Hugging Face causal LMs on chat conversations.
+
+training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*):
+  fit            train; exports the best weights as hf_model/ in the run's log directory
+  validate       val_loss, val_ppl and val_acc on data.val_path
+  test           the same metrics on data.test_path
+  predict        generate answers for data.predict_path into --output_path, scored against references
+
+tools:
+  chat           talk to a model (a Hugging Face folder or a checkpoint) in the terminal or through a pipe
+  export         write a checkpoint as a Hugging Face folder that plain transformers can load
+  estimate       memory per GPU and host RAM for a config, before renting GPUs
+  data sample    write example ChatML conversations
+  data convert   ShareGPT or Alpaca to ChatML messages
+  data check     a config's data as fit sees it: rendered samples, trained tokens, statistics, checks
+
+example: sft-lightning fit --config configs/tiny.yaml"""
 EXTRA_VERBS = {"export": export, "chat": chat, "estimate": estimate}
 
 
 def cli_main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``sft-lightning``; ``args`` lets tests and notebooks run it in-process."""
     argv = sys.argv[1:] if args is None else list(args)
+    if not torch.cuda.is_available():
+        # DeepSpeed (imported by transformers and Lightning when installed) otherwise prints a warning on stdout
+        # that it fell back to the CPU; on a GPU machine its own detection runs.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
     try:
+        seed_flags = [arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS and argv[0] not in EXTRA_VERBS]
+        if seed_flags:
+            flag = seed_flags[0]
+            raise ConfigError(f"{flag} is a flag of the seed trainer; here it is {SEED_FLAGS[flag]} "
+                              "(README: From the seed trainer)")
         if argv and argv[0] == "data":
             data_main(argv[1:])
         elif argv and argv[0] in EXTRA_VERBS:

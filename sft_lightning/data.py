@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
@@ -29,6 +29,11 @@ OPPOSITES = {
 }
 WORDS = ["apple", "river", "cloud", "stone", "tiger", "lemon", "piano", "robot", "candle", "garden", "planet", "window"]
 SYSTEMS = ["You are a helpful assistant.", "Answer in one short sentence."]
+# The same tasks in Chinese (the seed trainer's users write Chinese data).
+COUNTRIES_ZH = {"法国": "巴黎", "意大利": "罗马", "西班牙": "马德里", "德国": "柏林", "日本": "东京", "埃及": "开罗",
+                "秘鲁": "利马", "肯尼亚": "内罗毕", "加拿大": "渥太华", "挪威": "奥斯陆", "波兰": "华沙", "希腊": "雅典"}
+OPPOSITES_ZH = {"大": "小", "快": "慢", "上": "下", "冷": "热", "早": "晚", "新": "旧", "强": "弱", "长": "短", "高": "矮"}
+SYSTEMS_ZH = ["你是一个有用的AI助手。", "请用一句话回答。"]
 
 
 def example_conversation(rng: random.Random) -> dict:
@@ -59,6 +64,28 @@ def example_conversation(rng: random.Random) -> dict:
 
 
 
+def example_conversation_zh(rng: random.Random) -> dict:
+    """One short synthetic conversation in Chinese (addition, capitals, opposites, small talk)."""
+    kind = rng.choice(["add", "capital", "opposite", "chat"])
+    if kind == "add":
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        turns = [(f"{a}加{b}等于几？", f"{a}加{b}等于{a + b}。")]
+    elif kind == "capital":
+        country = rng.choice(sorted(COUNTRIES_ZH))
+        turns = [(f"{country}的首都是哪里？", f"{country}的首都是{COUNTRIES_ZH[country]}。")]
+    elif kind == "opposite":
+        word = rng.choice(sorted(OPPOSITES_ZH))
+        turns = [(f"“{word}”的反义词是什么？", f"“{word}”的反义词是“{OPPOSITES_ZH[word]}”。")]
+    else:
+        country = rng.choice(sorted(COUNTRIES_ZH))
+        turns = [("你好！", "你好！有什么可以帮你的吗？"),
+                 (f"{COUNTRIES_ZH[country]}在哪里？", f"{COUNTRIES_ZH[country]}是{country}的首都。")]
+    messages = [{"role": "system", "content": rng.choice(SYSTEMS_ZH)}] if rng.random() < 0.4 else []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages}
+
+
 def create_chatml_sample(system: Optional[str], user: str, assistant: str) -> dict:
     """One single-turn conversation in ChatML ``messages`` form (no system message when ``system`` is empty)."""
     messages = [{"role": "system", "content": system}] if system else []
@@ -85,20 +112,23 @@ def save_chatml_data(samples: Iterable[dict], path: str | Path) -> Path:
     return path
 
 
-def example_conversations(count: int, seed: int = 0) -> list[dict]:
+def example_conversations(count: int, seed: int = 0, language: Literal["en", "zh"] = "en") -> list[dict]:
     rng = random.Random(seed)
-    return [example_conversation(rng) for _ in range(count)]
+    make = example_conversation_zh if language == "zh" else example_conversation
+    return [make(rng) for _ in range(count)]
 
 
-def sample(output_path: str, count: int = 20, seed: int = 0) -> None:
+def sample(output_path: str, count: int = 20, seed: int = 0, language: Literal["en", "zh"] = "en") -> None:
     """Write example ChatML conversations to start from.
 
     Args:
         output_path: ``.jsonl`` (one conversation per line) or ``.json`` (an array).
         count: how many conversations.
         seed: seed of the generator.
+        language: ``en`` or ``zh`` (Chinese).
     """
-    print(f"wrote {count} conversations to {save_chatml_data(example_conversations(count, seed), output_path)}")
+    written = save_chatml_data(example_conversations(count, seed, language), output_path)
+    print(f"wrote {count} conversations to {written}")
 
 
 def convert(input_path: str, output_path: str, from_format: Format = "auto", on_invalid: str = "error") -> None:

@@ -40,19 +40,23 @@ def check(
     samples: int = 2,
     max_truncated_fraction: float = 0.05,
     max_dropped_fraction: float = 0.01,
+    overrides: tuple[str, ...] = (),
 ) -> None:
     """Pre-flight report on a config's data: highlighted samples, statistics and checks.
 
     Args:
-        config: a ``sft-lightning fit`` config (its model, tokenizer and data settings are used as fit would).
+        config: a ``sft-lightning fit`` config (its model, tokenizer and data settings are used as fit would);
+            ``--model.*`` and ``--data.*`` options after it override the config's, as they do for fit
+            (``--data.train_path mine.jsonl`` checks your own file).
         split: which data file of the config to check.
         samples: how many rendered conversations to show.
         max_truncated_fraction: fail when more conversations than this are cut at ``data.max_length``.
         max_dropped_fraction: fail when more conversations than this are dropped (invalid, or nothing left to train).
+        overrides: the ``--model.*`` and ``--data.*`` options given after the config.
     """
     from sft_lightning.cli import SFTLightningCLI  # the same parser and classes as fit; imported late (cycle)
 
-    cli = SFTLightningCLI(args=["--config", config, *TRAINER_OVERRIDES], run=False)
+    cli = SFTLightningCLI(args=["--config", config, *overrides, *TRAINER_OVERRIDES], run=False)
     data, model_path = cli.datamodule, cli.model.hparams.model_name_or_path
     console = Console(highlight=False)
     try:
@@ -103,9 +107,8 @@ def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
         ("truncated at max_length", f"{tokenized.truncated} ({tokenized.truncated / max(tokenized.read, 1):.1%})"),
         ("turns", f"{turns['user']} user, {turns['assistant']} assistant, {turns['system']} system"
                   + (f", {turns['tool']} tool" if turns["tool"] else "")),
-        ("not the whole text tokenised at once", f"{tokenized.expanded} conversations one sample per assistant turn "
-                                                 f"(the template rewrites earlier turns), {tokenized.boundary} tokenised "
-                                                 "prompt by prompt (a token would merge across a prompt/answer boundary)"),
+        # Chat templates that rewrite earlier turns; tokens that would merge across a prompt/answer boundary.
+        ("split by turn / by prompt", f"{tokenized.expanded} / {tokenized.boundary} conversations"),
         ("tokens", f"{int(lengths.sum())} (mean {lengths.mean():.1f})"),
         ("length p50 / p90 / p99 / max", " / ".join(str(int(np.percentile(lengths, q))) for q in (50, 90, 99, 100))),
         ("supervised tokens", f"{supervised} ({supervised / lengths.sum():.1%} of all tokens)"),

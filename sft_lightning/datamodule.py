@@ -157,6 +157,7 @@ class ChatMLDataModule(LightningDataModule):
             raise DataError("data.packing already fills rows; group_by_length and max_tokens_per_batch are for unpacked batches")
         self.tokenizer = None
         self.splits: dict[str, TokenizedSplit] = {}
+        self._reported: set[str] = set()  # splits whose summary is printed
         self._packed_rows: dict[str, list[list[int]]] = {}
         self._resume_at: Optional[tuple[int, int]] = None  # (epoch, micro-batches done) from a checkpoint
         self.predict_dataset: Optional[PromptDataset] = None
@@ -183,8 +184,9 @@ class ChatMLDataModule(LightningDataModule):
             return
         self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.trust_remote_code)
         for name in sum(self._split_names(self.trainer.state.fn.value), ()):
-            if self.hparams[f"{name}_path"] is not None:
-                self._tokenize(name)
+            if self.hparams[f"{name}_path"] is not None and name not in self.splits:
+                # Kept, so that setup() on this rank neither reads it back nor calls a fresh split "cached".
+                self.splits[name] = self._tokenize(name)
 
     def setup(self, stage: str) -> None:
         if self.hparams.tokenizer_path is None:
@@ -198,6 +200,8 @@ class ChatMLDataModule(LightningDataModule):
                 continue
             if name not in self.splits:
                 self.splits[name] = self._tokenize(name)
+            if name not in self._reported:
+                self._reported.add(name)
                 rank_zero_info(self.splits[name].summary(name))
                 rank_zero_info(self._batching_summary(name))
         if stage == "predict":

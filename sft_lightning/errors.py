@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 class DataError(ValueError):
@@ -38,13 +41,56 @@ class ConfigError(ValueError):
 USER_ERRORS = (CheckFailed, ConfigError, NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
+# What makes a folder loadable by from_pretrained, by what is loaded from it.
+REQUIRED_FILES = {
+    "model": ("config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"),
+}
+
+
 @contextmanager
 def loading(path: str, what: str):
-    """Turn the loaders' OSError (missing folder, unknown hub name, no network) into one clear line."""
-    looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
-    if looks_local and not Path(path).exists():
-        raise ModelLoadError(f"{path}: no such {what} folder")
+    """Turn the loaders' OSError (missing folder, unknown hub name, no network) into one clear line.
+
+    A path that exists must be a Hugging Face folder; one that looks local (absolute, ``./``, ``~``, more than one
+    ``/``, or under an existing folder) and does not exist is an error without a hub lookup; a hub name is tried
+    only when the hub answers (transformers retries for about a minute), unless ``HF_HUB_OFFLINE`` is set.
+    """
+    _check_source(path, what)
     try:
         yield
     except OSError as err:
         raise ModelLoadError(f"{what} {path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
+
+
+def _check_source(path: str, what: str) -> None:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not any((local / name).is_file() for name in REQUIRED_FILES[what]):
+            exported = sorted(local.rglob("hf_model/config.json"), key=lambda found: found.stat().st_mtime)
+            hint = f"; the newest exported model under it is {exported[-1].parent}" if exported else ""
+            raise ModelLoadError(
+                f"{path}: not a Hugging Face {what} folder (it has no {' or '.join(REQUIRED_FILES[what])}){hint}"
+            )
+        return
+    if local.exists():
+        raise ModelLoadError(f"{path}: a file, not a Hugging Face {what} folder")
+    first = Path(path).parts[0] if Path(path).parts else ""
+    looks_local = local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1 or Path(first).is_dir()
+    if looks_local:
+        raise ModelLoadError(f"{path}: no such {what} folder")
+    if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        raise ModelLoadError(
+            f"{path}: not a local folder, and the Hugging Face hub cannot be reached: give a local folder, or set "
+            "HF_HUB_OFFLINE=1 to load it from the local hub cache"
+        )
+
+
+@lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True

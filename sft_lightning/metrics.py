@@ -34,7 +34,7 @@ def choose_tokenize(references: list[str], tokenize: Tokenize = "auto") -> str:
 def generation_metrics(predictions: list[str], references: list[str], tokenize: Tokenize = "auto") -> dict:
     """Corpus-level scores of ``predictions`` against one reference each (whitespace at the ends ignored).
 
-    ``exact_match``: share of predictions equal to their reference; ``bleu``: corpus BLEU-4; ``rouge_l``: mean
+    ``exact_match``: share of predictions equal to their reference; ``bleu``: corpus BLEU-4 (0 for a set of answers shorter than 4 tokens); ``rouge_l``: mean
     ROUGE-L F-measure; ``tokenize``: the sacreBLEU tokenisation both were computed on (see :func:`choose_tokenize`).
     """
     predictions = [p.strip() for p in predictions]

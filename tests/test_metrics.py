@@ -18,5 +18,6 @@ def test_chinese_and_japanese_are_scored_by_character():
     half = generation_metrics(["北京今天晴。"], [reference])  # 6 of the 13 characters, all in order
     assert half["rouge_l"] == pytest.approx(2 * 6 / (6 + 13)) and 0 < half["bleu"] < 1
     assert generation_metrics(["東京は日本の首都です。"], ["東京は日本の首都です。"])["rouge_l"] == pytest.approx(1.0)
+
     # Forced whitespace tokenisation: the whole answer is one word, so a near miss scores nothing.
     assert generation_metrics(["北京今天晴。"], [reference], tokenize="13a")["rouge_l"] == 0.0
