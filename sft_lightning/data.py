@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
@@ -36,53 +36,60 @@ OPPOSITES_ZH = {"大": "小", "快": "慢", "上": "下", "冷": "热", "早": "
 SYSTEMS_ZH = ["你是一个有用的AI助手。", "请用一句话回答。"]
 
 
-def example_conversation(rng: random.Random) -> dict:
+class ExampleTasks(NamedTuple):
+    """A language's synthetic tasks: word lists and the (user, assistant) phrasing of each task."""
+
+    countries: dict[str, str]
+    opposites: dict[str, str]
+    words: list[str]  # spelled backwards; empty: no such task
+    systems: list[str]
+    add: tuple[str, str]
+    capital: tuple[str, str]
+    opposite: tuple[str, str]
+    reverse: tuple[str, str]
+    chat: tuple[tuple[str, str], ...]
+
+
+TASKS = {
+    "en": ExampleTasks(
+        COUNTRIES, OPPOSITES, WORDS, SYSTEMS,
+        add=("What is {a} plus {b}?", "{a} plus {b} is {total}."),
+        capital=("What is the capital of {country}?", "The capital of {country} is {capital}."),
+        opposite=("What is the opposite of {word}?", "The opposite of {word} is {opposite}."),
+        reverse=("Spell {word} backwards.", "{word} backwards is {reversed}."),
+        chat=(("Hello!", "Hello! How can I help you today?"), ("Where is {capital}?", "{capital} is the capital of {country}.")),
+    ),
+    "zh": ExampleTasks(
+        COUNTRIES_ZH, OPPOSITES_ZH, [], SYSTEMS_ZH,
+        add=("{a}加{b}等于几？", "{a}加{b}等于{total}。"),
+        capital=("{country}的首都是哪里？", "{country}的首都是{capital}。"),
+        opposite=("“{word}”的反义词是什么？", "“{word}”的反义词是“{opposite}”。"),
+        reverse=("", ""),
+        chat=(("你好！", "你好！有什么可以帮你的吗？"), ("{capital}在哪里？", "{capital}是{country}的首都。")),
+    ),
+}
+
+
+def example_conversation(rng: random.Random, language: Literal["en", "zh"] = "en") -> dict:
     """One short synthetic conversation (arithmetic, capitals, opposites, spelling, small talk)."""
-    kind = rng.choice(["add", "capital", "opposite", "reverse", "chat"])
+    tasks = TASKS[language]
+    kind = rng.choice(["add", "capital", "opposite", *(["reverse"] if tasks.words else []), "chat"])
     if kind == "add":
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        turns = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")]
-    elif kind == "capital":
-        country = rng.choice(sorted(COUNTRIES))
-        turns = [(f"What is the capital of {country}?", f"The capital of {country} is {COUNTRIES[country]}.")]
+        values = {"a": a, "b": b, "total": a + b}
     elif kind == "opposite":
-        word = rng.choice(sorted(OPPOSITES))
-        turns = [(f"What is the opposite of {word}?", f"The opposite of {word} is {OPPOSITES[word]}.")]
+        word = rng.choice(sorted(tasks.opposites))
+        values = {"word": word, "opposite": tasks.opposites[word]}
     elif kind == "reverse":
-        word = rng.choice(WORDS)
-        turns = [(f"Spell {word} backwards.", f"{word} backwards is {word[::-1]}.")]
-    else:
-        country = rng.choice(sorted(COUNTRIES))
-        turns = [
-            ("Hello!", "Hello! How can I help you today?"),
-            (f"Where is {COUNTRIES[country]}?", f"{COUNTRIES[country]} is the capital of {country}."),
-        ]
-    messages = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.4 else []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return {"messages": messages}
-
-
-
-def example_conversation_zh(rng: random.Random) -> dict:
-    """One short synthetic conversation in Chinese (addition, capitals, opposites, small talk)."""
-    kind = rng.choice(["add", "capital", "opposite", "chat"])
-    if kind == "add":
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        turns = [(f"{a}加{b}等于几？", f"{a}加{b}等于{a + b}。")]
-    elif kind == "capital":
-        country = rng.choice(sorted(COUNTRIES_ZH))
-        turns = [(f"{country}的首都是哪里？", f"{country}的首都是{COUNTRIES_ZH[country]}。")]
-    elif kind == "opposite":
-        word = rng.choice(sorted(OPPOSITES_ZH))
-        turns = [(f"“{word}”的反义词是什么？", f"“{word}”的反义词是“{OPPOSITES_ZH[word]}”。")]
-    else:
-        country = rng.choice(sorted(COUNTRIES_ZH))
-        turns = [("你好！", "你好！有什么可以帮你的吗？"),
-                 (f"{COUNTRIES_ZH[country]}在哪里？", f"{COUNTRIES_ZH[country]}是{country}的首都。")]
-    messages = [{"role": "system", "content": rng.choice(SYSTEMS_ZH)}] if rng.random() < 0.4 else []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        word = rng.choice(tasks.words)
+        values = {"word": word, "reversed": word[::-1]}
+    else:  # capital, chat
+        country = rng.choice(sorted(tasks.countries))
+        values = {"country": country, "capital": tasks.countries[country]}
+    messages = [{"role": "system", "content": rng.choice(tasks.systems)}] if rng.random() < 0.4 else []
+    for user, assistant in tasks.chat if kind == "chat" else [getattr(tasks, kind)]:
+        messages += [{"role": "user", "content": user.format(**values)},
+                     {"role": "assistant", "content": assistant.format(**values)}]
     return {"messages": messages}
 
 
@@ -114,8 +121,7 @@ def save_chatml_data(samples: Iterable[dict], path: str | Path) -> Path:
 
 def example_conversations(count: int, seed: int = 0, language: Literal["en", "zh"] = "en") -> list[dict]:
     rng = random.Random(seed)
-    make = example_conversation_zh if language == "zh" else example_conversation
-    return [make(rng) for _ in range(count)]
+    return [example_conversation(rng, language) for _ in range(count)]
 
 
 def sample(output_path: str, count: int = 20, seed: int = 0, language: Literal["en", "zh"] = "en") -> None:

@@ -61,6 +61,8 @@ def test_fit_then_predict_answers_held_out_prompts_exactly(model, language, tmp_
                                           if r["prediction"] == r["messages"][-1]["content"]]))
         assert same["bleu"] == pytest.approx(1.0) and same["rouge_l"] == pytest.approx(1.0)
         assert rows[0]["prediction"] in out.read_text(encoding="utf-8")  # the characters themselves, not \u escapes
+    if language == "zh":
+        return  # chat is the same code for any language (the English runs check it)
     # The same model in chat, through a pipe: held-out prompts, answered and stopped by the model itself; /reset
     # between them, as the task is single-turn.
     prompts = [r["messages"][0]["content"] for r in rows[:4]]
