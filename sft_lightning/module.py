@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
@@ -17,8 +19,9 @@ from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_
 from sft_lightning.checkpointing import newest_checkpoint
 from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
-from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
-from sft_lightning.render import load_tokenizer, stop_token_ids
+from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
+from sft_lightning.loss import TokenMetrics, TokenStats, micro_batch_loss, predicting_positions, token_stats
+from sft_lightning.render import IGNORE_INDEX, load_tokenizer, stop_token_ids
 from sft_lightning.sharding import FSDP2Strategy
 from sft_lightning.throughput import FlopParameters, matmul_parameters
 from sft_lightning.zero import (
@@ -78,6 +81,7 @@ class SFTLitModule(LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         packing_check: bool = True,
+        lm_head_chunk_tokens: Optional[int] = 512,
         nonfinite_patience: int = 5,
         lora: Optional[LoRA] = None,
         quantization: Optional[Quantization] = None,
@@ -106,6 +110,10 @@ class SFTLitModule(LightningModule):
             packing_check: in the first packed forward (training, validation or test), pack two spans of the batch
                 and refuse to go on if the second one's logits change when the first one does (an attention
                 backend that lets packed samples see each other).
+            lm_head_chunk_tokens: the LM head and the loss run this many supervised positions at a time, forward and
+                backward (recomputed), so a big vocabulary's logits never exist whole (a 151,936-token vocabulary:
+                ~0.3 GB of float32 logits per 512 positions); null: the whole micro-batch at once. Models that
+                transform their logits after the head (Gemma 2 soft-capping) always run whole, with a line saying so.
             nonfinite_patience: an optimizer step whose loss or gradient is NaN or infinite is skipped (weights and
                 optimizer state untouched) and counted in ``train_nonfinite_steps``; this many in a row stop the
                 run with an error that names the last checkpoint, which holds only finite weights.
@@ -127,6 +135,7 @@ class SFTLitModule(LightningModule):
         self.matmul_parameters = FlopParameters(0, 0)  # for the FLOPs in throughput logging
         self._packing_checked = False
         self._keeps_logits = False
+        self._scoring_head: Optional[ChunkedLMHead] = None  # the output layer, when it scores in chunks
         self._added_tokens = 0  # rows the tokenizer adds to the pretrained vocabulary
         self._deepspeed: Optional[dict] = None  # the DeepSpeed config, when trained under DeepSpeed
         self._hf_deepspeed = None
@@ -162,6 +171,8 @@ class SFTLitModule(LightningModule):
         if lora is not None:
             added = range(len(self.tokenizer) - self._added_tokens, len(self.tokenizer))
             model = add_lora(model, lora, quantized=h.quantization is not None, trainable_tokens=list(added))
+        head = model.get_output_embeddings()
+        self._scoring_head = head if isinstance(head, ChunkedLMHead) else None
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
@@ -179,6 +190,10 @@ class SFTLitModule(LightningModule):
             model.resize_token_embeddings(len(self.tokenizer), mean_resizing=pretrained)
         if h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if h.lm_head_chunk_tokens:
+            why_not = install_chunked_head(model, h.lm_head_chunk_tokens)
+            if why_not and pretrained:
+                rank_zero_info(f"model.lm_head_chunk_tokens: the LM head and the loss run unchunked: {why_not}")
         return model
 
     def _sharded_model(self):
@@ -226,6 +241,12 @@ class SFTLitModule(LightningModule):
         positions = predicting_positions(labels)
         if self._keeps_logits:
             inputs["logits_to_keep"] = positions
+        if self._scoring_head is not None:
+            # Targets aligned with what the head receives: the kept positions, or every position.
+            targets = labels[:, positions + 1] if self._keeps_logits else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            with self._scoring_head.scoring(targets):
+                nll_sum, correct = self.model(**inputs, use_cache=False).logits
+            return TokenStats(nll_sum, (targets != IGNORE_INDEX).sum(), correct.round().long())
         # use_cache=False is not an optimisation: with a cache, transformers skips the packed-sample mask.
         logits = self.model(**inputs, use_cache=False).logits
         if not self._keeps_logits:

@@ -67,13 +67,14 @@ class GradientRecorder(L.Callback):
 
 def train_gradients(
     tmp_path, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto", steps: int = 2,
-    **data_args,
+    model: str = TINY_QWEN, lm_head_chunk_tokens: int | None = 512, **data_args,
 ) -> list[dict[str, torch.Tensor]]:
     L.seed_everything(0)
-    module = SFTLitModule(TINY_QWEN, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant")
-    data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=TINY_QWEN, batch_size=batch_size, max_length=64, seed=1,
+    module = SFTLitModule(model, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant",
+                          lm_head_chunk_tokens=lm_head_chunk_tokens)
+    data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=model, batch_size=batch_size, max_length=64, seed=1,
                             cache_dir=None, **data_args)
-    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{sorted(data_args.items())}.pt"
+    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{lm_head_chunk_tokens}-{sorted(data_args.items())}.pt"
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
         logger=False, callbacks=[GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,
@@ -103,14 +104,14 @@ def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):
     def mean_of_means(nll_sum, step_tokens, divisor):
         return nll_sum / nll_sum.new_tensor(module_py._last_count)
 
-    original = module_py.token_stats
+    original = module_py.SFTLitModule._token_stats
 
-    def remember_count(logits, labels):
-        stats = original(logits, labels)
+    def remember_count(self, batch):
+        stats = original(self, batch)
         module_py._last_count = stats.supervised_tokens.item()
         return stats
 
-    monkeypatch.setattr(module_py, "token_stats", remember_count)
+    monkeypatch.setattr(module_py.SFTLitModule, "_token_stats", remember_count)
     monkeypatch.setattr(module_py, "micro_batch_loss", mean_of_means)
     with pytest.raises(AssertionError):
         assert_same_gradients(train_gradients(tmp_path, batch_size=2, accumulate=4), reference)

@@ -1,0 +1,120 @@
+"""The LM head and the loss in chunks: the [positions x vocabulary] logits never exist whole.
+
+At a real vocabulary (Qwen2.5: 151,936 tokens) the float32 logits of a micro-batch's supervised positions, kept
+for backward with their gradient, outweigh the model itself. :class:`ChunkedLMHead` is the model's own output
+layer (same parameters, same state-dict keys, tied or not) that, while :meth:`ChunkedLMHead.scoring` is active,
+returns the NLL sum and the count of correct argmax predictions of its targets instead of logits. The forward
+runs ``chunk_tokens`` positions at a time under no_grad; the backward recomputes each chunk's logits and turns
+them into gradients right away (``softmax - onehot``), so the peak is one chunk's logits, in training,
+validation and test alike. Numerics follow the unchunked path: logits from the layer's own matmul (under autocast
+in bf16), upcast to float32 for the softmax.
+
+Outside :meth:`~ChunkedLMHead.scoring` (generation, chat, export, the packing check) it is the plain linear layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sft_lightning.render import IGNORE_INDEX
+
+# Config attributes by which a model transforms its logits after the head (Gemma 2/3 soft-capping, Cohere and
+# Granite scaling): the loss must see the transformed logits, so such models keep the unchunked path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """(NLL sum, correct count) of ``hidden @ weight.T + bias`` against ``targets``, ``chunk`` rows at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        nll = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        compute_dtype = weight.dtype
+        with torch.no_grad():
+            for start in range(0, len(targets), chunk):
+                logits = F.linear(hidden[start : start + chunk], weight, bias)  # under autocast: in its dtype
+                compute_dtype = logits.dtype
+                logits = logits.float()
+                target = targets[start : start + chunk]
+                nll += F.cross_entropy(logits, target, reduction="sum")
+                correct += (logits.argmax(dim=-1) == target).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.compute_dtype = chunk, compute_dtype
+        ctx.mark_non_differentiable(correct)
+        return nll, correct
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_nll, grad_correct):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        # What autocast did in the forward, explicitly: the layer's matmul in compute_dtype.
+        dtype = ctx.compute_dtype
+        weight_c = weight.to(dtype)
+        bias_c = bias.to(dtype) if bias is not None else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, len(targets), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            hidden_c = hidden[rows].to(dtype)
+            probabilities = F.linear(hidden_c, weight_c, bias_c).float().softmax(dim=-1)
+            # d(NLL sum)/d(logits) = softmax - onehot, scaled by the incoming gradient, then back through the float32
+            # upcast (to compute_dtype) and the layer, as autograd does on the unchunked path.
+            probabilities[torch.arange(len(probabilities), device=probabilities.device), targets[rows]] -= 1
+            grad_logits = (probabilities * grad_nll).to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight_c).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad_logits.t() @ hidden_c).float()
+            if grad_bias is not None:
+                grad_bias += grad_logits.float().sum(dim=0)
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+class ChunkedLMHead(nn.Linear):
+    """The model's output layer, which scores targets in chunks while :meth:`scoring` is active."""
+
+    chunk_tokens: int = 512
+    _targets: Optional[torch.Tensor] = None
+
+    @contextmanager
+    def scoring(self, targets: torch.Tensor):
+        """Within: a forward returns ``[nll_sum, correct]`` (float32) for ``targets``, aligned with the hidden
+        states the head receives (``IGNORE_INDEX`` where not supervised)."""
+        self._targets = targets
+        try:
+            yield
+        finally:
+            self._targets = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._targets is None:
+            return super().forward(hidden)
+        supervised = self._targets != IGNORE_INDEX
+        nll, correct = ChunkedCrossEntropy.apply(
+            hidden[supervised], self.weight, self.bias, self._targets[supervised], self.chunk_tokens
+        )
+        return torch.stack([nll, correct.to(nll.dtype)])
+
+
+def install_chunked_head(model: nn.Module, chunk_tokens: int) -> Optional[str]:
+    """Make the model's output layer a :class:`ChunkedLMHead` in place (its parameters, hooks and tying kept, so
+    FSDP2, DeepSpeed and checkpoints see the same module). Returns why not, where it cannot be."""
+    head = model.get_output_embeddings()
+    transforms = [name for name in LOGIT_TRANSFORMS if getattr(model.config, name, None) not in (None, 1, 1.0)]
+    if transforms:
+        return f"the model transforms its logits after the head ({', '.join(transforms)})"
+    if type(head) is not nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain linear layer"
+    head.__class__ = ChunkedLMHead  # only forward differs: same parameters, buffers and hooks
+    head.chunk_tokens = chunk_tokens
+    return None
