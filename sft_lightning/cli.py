@@ -21,6 +21,7 @@ from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint,
 from sft_lightning.data import convert, sample
 from sft_lightning.data_check import check
 from sft_lightning.datamodule import ChatMLDataModule
+from sft_lightning.entry import USAGE, seed_flag_answer
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
 from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
@@ -229,40 +230,7 @@ def _config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check}
-# The seed trainer's flags (sft_train.py, inference.py) and ours, so that a seed user's command gets one line back.
-SEED_FLAGS = {
-    "--model_name": "--model.model_name_or_path", "--data_path": "--data.train_path (predict: --data.predict_path)",
-    "--output_dir": "--trainer.default_root_dir", "--num_epochs": "--trainer.max_epochs",
-    "--num_train_epochs": "--trainer.max_epochs", "--batch_size": "--data.batch_size",
-    "--per_device_train_batch_size": "--data.batch_size", "--learning_rate": "--model.learning_rate",
-    "--gradient_accumulation_steps": "--trainer.accumulate_grad_batches", "--max_length": "--data.max_length",
-    "--warmup_ratio": "--model.warmup_ratio", "--weight_decay": "--model.weight_decay",
-    "--fp16": "--trainer.precision=16-mixed", "--bf16": "--trainer.precision=bf16-mixed",
-    "--mode": "sft-lightning chat (--mode chat) or sft-lightning predict (--mode batch)",
-    "--system_prompt": "sft-lightning chat --system_prompt",
-}
-USAGE = """usage: sft-lightning VERB [options]   (sft-lightning VERB --help for a verb's options)
-
-Supervised fine-tuning of Hugging Face causal LMs on chat conversations.
-
-training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*):
-  fit            train; exports the best weights as hf_model/ in the run's log directory
-  validate       val_loss, val_ppl and val_acc on data.val_path
-  test           the same metrics on data.test_path
-  predict        generate answers for data.predict_path into --output_path, scored against references
-
-tools:
-  chat           talk to a model (a Hugging Face folder or a checkpoint) in the terminal or through a pipe
-  export         write a checkpoint as a Hugging Face folder that plain transformers can load
-  estimate       memory per GPU and host RAM for a config, before renting GPUs
-  data sample    write example ChatML conversations
-  data convert   ShareGPT or Alpaca to ChatML messages
-  data check     a config's data as fit sees it: rendered samples, trained tokens, statistics, checks
-
-example: sft-lightning fit --config configs/tiny.yaml"""
 EXTRA_VERBS = {"export": export, "chat": chat, "estimate": estimate}
-
-
 def cli_main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``sft-lightning``; ``args`` lets tests and notebooks run it in-process."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -274,11 +242,9 @@ def cli_main(args: Optional[list[str]] = None) -> None:
         print(USAGE)
         return
     try:
-        seed_flags = [arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS and argv[0] not in EXTRA_VERBS]
-        if seed_flags:
-            flag = seed_flags[0]
-            raise ConfigError(f"{flag} is a flag of the seed trainer; here it is {SEED_FLAGS[flag]} "
-                              "(README: From the seed trainer)")
+        seed_flag = seed_flag_answer(argv)
+        if seed_flag:
+            raise ConfigError(seed_flag)
         if argv and argv[0] == "data":
             data_main(argv[1:])
         elif argv and argv[0] in EXTRA_VERBS:

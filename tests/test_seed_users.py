@@ -1,7 +1,8 @@
 """The seed trainer's users: its Python workflow (ChatMLDataProcessor, get_config, a training entry point), its
 flags answered with ours, and the rough edges a newcomer hits, each a one-line error with exit status 2."""
 
-import json
+import subprocess
+import sys
 
 import pytest
 
@@ -94,6 +95,11 @@ def test_help_lists_every_verb(capsys):
     listed = capsys.readouterr().out
     for verb in ("fit", "validate", "test", "predict", "chat", "export", "estimate", "data sample", "data convert", "data check"):
         assert f"\n  {verb} " in listed
+    # The console script answers --help and seed flags before importing Lightning, torch or transformers.
+    probe = ("import sys; from sft_lightning.entry import main; sys.argv = ['sft-lightning', '--help']; main(); "
+             "print(sorted(m for m in ('lightning', 'torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.splitlines()[-1] == "[]" and "data check" in result.stdout
 
 
 def test_data_check_takes_model_and_data_overrides(capsys, monkeypatch):

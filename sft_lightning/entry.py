@@ -1,0 +1,68 @@
+"""The ``sft-lightning`` console script: answers that need no model code come back at once.
+
+Importing Lightning (with torch, transformers and torchmetrics) takes seconds; ``sft-lightning --help`` and a seed
+trainer's flag are answered before that, and everything else goes to :func:`sft_lightning.cli.cli_main`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+# The seed trainer's flags (sft_train.py, inference.py) and ours, so that a seed user's command gets one line back.
+SEED_FLAGS = {
+    "--model_name": "--model.model_name_or_path", "--data_path": "--data.train_path (predict: --data.predict_path)",
+    "--output_dir": "--trainer.default_root_dir", "--num_epochs": "--trainer.max_epochs",
+    "--num_train_epochs": "--trainer.max_epochs", "--batch_size": "--data.batch_size",
+    "--per_device_train_batch_size": "--data.batch_size", "--learning_rate": "--model.learning_rate",
+    "--gradient_accumulation_steps": "--trainer.accumulate_grad_batches", "--max_length": "--data.max_length",
+    "--warmup_ratio": "--model.warmup_ratio", "--weight_decay": "--model.weight_decay",
+    "--fp16": "--trainer.precision=16-mixed", "--bf16": "--trainer.precision=bf16-mixed",
+    "--mode": "sft-lightning chat (--mode chat) or sft-lightning predict (--mode batch)",
+    "--system_prompt": "sft-lightning chat --system_prompt",
+}
+# Verbs with a --system_prompt or --max_length of their own.
+OWN_FLAGS_VERBS = ("chat", "export", "estimate")
+USAGE = """usage: sft-lightning VERB [options]   (sft-lightning VERB --help for a verb's options)
+
+Supervised fine-tuning of Hugging Face causal LMs on chat conversations.
+
+training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*):
+  fit            train; exports the best weights as hf_model/ in the run's log directory
+  validate       val_loss, val_ppl and val_acc on data.val_path
+  test           the same metrics on data.test_path
+  predict        generate answers for data.predict_path into --output_path, scored against references
+
+tools:
+  chat           talk to a model (a Hugging Face folder or a checkpoint) in the terminal or through a pipe
+  export         write a checkpoint as a Hugging Face folder that plain transformers can load
+  estimate       memory per GPU and host RAM for a config, before renting GPUs
+  data sample    write example ChatML conversations
+  data convert   ShareGPT or Alpaca to ChatML messages
+  data check     a config's data as fit sees it: rendered samples, trained tokens, statistics, checks
+
+example: sft-lightning fit --config configs/tiny.yaml"""
+
+
+def seed_flag_answer(argv: list[str]) -> Optional[str]:
+    """The one-line answer to a seed trainer's flag in ``argv``, or None."""
+    if argv[:1] and argv[0] in OWN_FLAGS_VERBS:
+        return None
+    flag = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS), None)
+    if flag is None:
+        return None
+    return f"{flag} is a flag of the seed trainer; here it is {SEED_FLAGS[flag]} (README: From the seed trainer)"
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    answer = seed_flag_answer(argv)
+    if answer:
+        print(f"sft-lightning: error: {answer}", file=sys.stderr)
+        sys.exit(2)
+    from sft_lightning.cli import cli_main
+
+    cli_main()  # reads sys.argv itself, as LightningCLI expects of a console script
