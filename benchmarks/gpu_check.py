@@ -4,6 +4,8 @@ steps through ``sft-lightning fit``, reporting tokens/s, MFU and peak memory aga
     python benchmarks/gpu_check.py                                   # Qwen2.5-0.5B architecture, bf16-mixed, 50 steps
     python benchmarks/gpu_check.py --arch meta-llama/Meta-Llama-3-8B-Instruct --strategy fsdp --steps 10 --num_layers 8
     python benchmarks/gpu_check.py --arch meta-llama/Meta-Llama-3-8B-Instruct --strategy fsdp --devices 8  # all 32 layers
+    for attn in sdpa_varlen flash_attention_2 sdpa; do python benchmarks/gpu_check.py --attn $attn --steps 20; done
+    python benchmarks/gpu_check.py --lm_head_chunk_tokens 0    # the LM head and loss on whole logits, to compare
 
 The architecture's config comes from ``configs/models/`` (``--num_layers`` shortens it to fit one GPU); the
 tokenizer is the shipped tiny ChatML one (its ids lie within any vocabulary); the data is the long-tailed fixture
@@ -47,6 +49,9 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--num_layers", type=int, default=None, help="keep only this many decoder layers")
     parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
+    parser.add_argument("--attn", default="sdpa_varlen", help="model.attn_implementation (sdpa_varlen: one varlen "
+                        "kernel call per layer on a GPU; flash_attention_2 needs flash-attn; sdpa: dense block mask)")
+    parser.add_argument("--lm_head_chunk_tokens", type=int, default=512, help="0: whole logits")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     config = model_config(args.arch)
@@ -72,7 +77,8 @@ def main() -> None:
         f"--data.batch_size={args.batch_size}", f"--data.cache_dir={out / 'cache'}", f"--trainer.max_steps={args.steps}",
         "--trainer.accelerator=auto", f"--trainer.devices={args.devices}", f"--trainer.precision={precision}",
         f"--trainer.default_root_dir={out}", "--trainer.log_every_n_steps=10", "--model.warmup_ratio=0.1",
-        "--model.learning_rate=1e-4", "--trainer.enable_progress_bar=false",
+        "--model.learning_rate=1e-4", "--trainer.enable_progress_bar=false", f"--model.attn_implementation={args.attn}",
+        f"--model.lm_head_chunk_tokens={args.lm_head_chunk_tokens or 'null'}",
         *(fsdp_strategy(config) if args.strategy == "fsdp" else []),
     ])
     if launched_rank:
@@ -82,7 +88,8 @@ def main() -> None:
     events.Reload()
     last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\n{args.arch} ({config.num_hidden_layers} layers), {device}, {precision}, {args.strategy}, "
+    print(f"\n{args.arch} ({config.num_hidden_layers} layers), {device}, {precision}, {args.strategy}, {args.attn}, "
+          f"lm_head_chunk_tokens {args.lm_head_chunk_tokens or 'off'}, "
           f"{args.batch_size} x {max_length} packed tokens per step, {args.steps} steps")
     for tag in ("throughput/tokens_per_s", "throughput/supervised_tokens_per_s", "throughput/mfu",
                 "throughput/padding_fraction", "memory/peak_gb", "memory/peak_reserved_gb", "train_loss"):

@@ -9,9 +9,15 @@ with a cache) goes to transformers' ``sdpa`` untouched, so this name is a drop-i
 A packed batch reaches this function when :func:`packed_model_inputs` passes ``cu_seq_lens_q`` (the sample
 boundaries over the rows laid end to end) with an all-ones ``attention_mask``; the all-ones mask is what stops
 transformers from building the dense block mask, so it is only ever passed together with this attention.
+
+On a GPU the whole packed batch is one call per layer of torch's variable-length FlashAttention kernel
+(``torch.nn.attention.varlen.varlen_attn``), with the boundaries and the longest sample computed once per batch by
+the collate; the per-sample loop is the CPU's way (and the fallback where the kernel is missing).
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 from transformers import AttentionInterface
@@ -23,9 +29,22 @@ from sft_lightning.packing import collate_packed
 SDPA_VARLEN = "sdpa_varlen"
 
 
+def varlen_kernel(device: torch.device) -> Optional[Callable]:
+    """torch's variable-length FlashAttention kernel where it runs (CUDA), else None: the per-sample loop."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
     bounds = kwargs.pop("cu_seq_lens_q", None)
     kwargs.pop("cu_seq_lens_k", None)
+    longest = kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None:
@@ -33,6 +52,13 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> 
     window = kwargs.pop("sliding_window", None)
     kwargs.pop("is_causal", None)
     batch, heads, length, dim = query.shape
+    kernel = varlen_kernel(query.device)
+    if kernel is not None and longest is not None and not (module.training and kwargs.get("dropout", 0.0)):
+        # One call for every sample of the batch: (batch, heads, length, dim) -> (tokens, heads, dim).
+        flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
+        output = kernel(*flat, bounds, bounds, longest, longest, scale=kwargs.get("scaling"),
+                        window_size=(-1 if window is None else window - 1, 0), enable_gqa=key.shape[1] != heads)
+        return output.reshape(batch, length, heads, dim), None
     # (batch, heads, length, dim) -> (1, heads, batch * length, dim): the rows end to end, as ``bounds`` counts them
     # (packed_model_inputs already passes one row; any other caller may pass several).
     ends = bounds.tolist()
@@ -55,7 +81,8 @@ def packed_model_inputs(
     The variable-length attentions take the rows laid end to end as one (each row's padding is a pseudo-sample
     of its own, and every first label is masked, so the shift inside the loss never crosses a boundary either):
     FlashAttention finds the samples from ``position_ids`` only in a single row, and one row lets
-    ``logits_to_keep`` pick exactly the supervised positions. ``sdpa_varlen`` also gets the boundaries. ``sdpa``
+    ``logits_to_keep`` pick exactly the supervised positions. Both get the boundaries and the longest sample
+    from the collate (``cu_seq_lens_q/k``, ``max_length_q/k``). ``sdpa``
     and ``eager`` keep the rows and get no mask, from which transformers builds the block-diagonal one out of
     ``position_ids``.
     """
@@ -65,7 +92,10 @@ def packed_model_inputs(
     inputs = {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}
     if attn_implementation == SDPA_VARLEN:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        inputs["cu_seq_lens_q"] = batch["cu_seq_lens"]
+    # The boundaries and the longest sample, computed once by the collate: FlashAttention-2 in transformers then
+    # skips re-deriving them from position_ids (host syncs) in every layer; sdpa_varlen's kernel needs them.
+    bounds = batch["cu_seq_lens"]
+    inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
     return inputs, batch["labels"].reshape(1, -1)
 
 
@@ -76,7 +106,7 @@ def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], att
     calls it. Used by the tests and by the check that runs before a packed fit.
     """
     device = next(model.parameters()).device
-    batch = {name: tensor.to(device) for name, tensor in collate_packed([samples], pad_token_id=0).items()}
+    batch = _packed_batch([samples], device)
     inputs, _ = packed_model_inputs(batch, attn_implementation)
     with torch.no_grad():
         packed = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
@@ -99,11 +129,17 @@ def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, att
     logits = []
     for before in (first, other):
         row = [(before.tolist(), before.tolist()), (second.tolist(), second.tolist())]
-        batch = {name: tensor.to(first.device) for name, tensor in collate_packed([row], pad_token_id=0).items()}
+        batch = _packed_batch([row], first.device)
         inputs, _ = packed_model_inputs(batch, attn_implementation)
         output = model(**inputs, use_cache=False).logits
         logits.append(output.reshape(-1, output.shape[-1])[len(first) :].float())
     return (logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp(min=1e-6)
+
+
+def _packed_batch(rows, device: torch.device) -> dict:
+    """:func:`collate_packed` with its tensors on ``device`` (as Lightning moves a batch: other values stay)."""
+    return {name: value.to(device) if torch.is_tensor(value) else value
+            for name, value in collate_packed(rows, pad_token_id=0).items()}
 
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)

@@ -102,12 +102,14 @@ def plan_memory(
     quantization: Optional[str] = None,
     supervised_share: float = 0.5,
     nodes: int = 1,
+    lm_head_chunk_tokens: Optional[int] = 512,
 ) -> MemoryPlan:
     """Bytes per GPU for training a model of ``config`` (a transformers config) this way.
 
     ``weight_bytes``: bytes per stored weight (4 for float32 master weights, 2 for bfloat16); ``tokens_per_gpu``:
     tokens in one micro-batch on one GPU; ``supervised_share``: share of positions whose logits are kept;
-    ``nodes``: how many nodes the GPUs are on (for the host RAM of offloading).
+    ``nodes``: how many nodes the GPUs are on (for the host RAM of offloading); ``lm_head_chunk_tokens``: positions
+    whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position).
     """
     counts = count_parameters(config, as_lora(lora))
     parameters, trainable = counts.total, counts.trainable
@@ -136,7 +138,9 @@ def plan_memory(
     per_layer = tokens_per_gpu * (10 * hidden + 5 * config.intermediate_size + 4 * kv) * mixed_or_true
     without = per_layer * layers
     with_checkpointing = tokens_per_gpu * hidden * layers * mixed_or_true + per_layer
-    logits = tokens_per_gpu * supervised_share * config.vocab_size * (mixed_or_true + 4 + 4)  # logits, fp32 copy, grad
+    positions = tokens_per_gpu * supervised_share
+    positions = min(positions, lm_head_chunk_tokens) if lm_head_chunk_tokens else positions
+    logits = positions * config.vocab_size * (mixed_or_true + 4 + 4)  # logits, their float32 copy, their gradient
     return MemoryPlan(
         parameters, trainable, gpus, sharding, weights, gradients, optimizer,
         with_checkpointing if checkpointing else without, without, with_checkpointing, logits, checkpointing,
@@ -284,6 +288,7 @@ def plan_of_config(config: str, gpus: Optional[int] = None) -> tuple[MemoryPlan,
         lora=model.get("lora"),
         quantization=model.get("quantization"),
         nodes=trainer.get("num_nodes", 1),
+        lm_head_chunk_tokens=model.get("lm_head_chunk_tokens", 512),
     )
     return plan, model["model_name_or_path"], precision
 
@@ -300,7 +305,7 @@ def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: floa
         f"  gathered weights in flight           {gb(plan.working_set)}",
         f"  activations, checkpointing on        {gb(plan.activations_with_checkpointing)}",
         f"  activations, checkpointing off       {gb(plan.activations_without_checkpointing)}",
-        f"  logits (supervised positions)        {gb(plan.logits)}",
+        f"  logits (one chunk of positions)      {gb(plan.logits)}",
         f"  overhead ({OVERHEAD_GB} GB + {OVERHEAD_SHARE:.0%})              {gb(plan.total - plan.model_states - plan.activations - plan.logits)}",
         f"  total per GPU ({chosen} checkpointing) {gb(plan.total)}",
     ]

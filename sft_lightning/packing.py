@@ -49,7 +49,8 @@ def collate_packed(
 
     Rows are right-padded to the longest row; the padding is a separate pseudo-sample (its positions restart
     at 0 too) whose labels are ignored, so no real token attends to it. ``cu_seq_lens`` holds the boundaries of
-    every sample and padding over the rows laid end to end (for variable-length attention); ``sample_lengths``
+    every sample and padding over the rows laid end to end (for variable-length attention), ``max_seq_len`` the
+longest of them; ``sample_lengths``
     lists every real sample's length, for throughput accounting.
     """
     longest = max(sum(len(ids) for ids, _ in row) for row in rows)
@@ -75,6 +76,9 @@ def collate_packed(
         "position_ids": position_ids,
         "labels": labels,
         "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+        # A plain int, computed here once: variable-length kernels need it, and reading it off a GPU tensor in
+        # every layer would stop the GPU each time.
+        "max_seq_len": max(end - start for start, end in zip(bounds, bounds[1:])),
         "sample_lengths": torch.tensor(sample_lengths),
     }
 

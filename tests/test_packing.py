@@ -34,6 +34,7 @@ def test_collate_packed_tensors():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4]]
     assert batch["labels"].tolist() == [[X, 6, 7, 8, X, 10, 11], [X, 13, X, X, X, X, X]]
     assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9, 14]  # rows end to end; row 2's padding is a segment
+    assert batch["max_seq_len"] == 5  # a plain int, computed once for every layer's kernel
     assert batch["sample_lengths"].tolist() == [4, 3, 2]
     assert "attention_mask" not in batch
 
@@ -121,3 +122,38 @@ def test_fit_refuses_to_pack_when_samples_mix(monkeypatch, tmp_path, capsys):
     assert exited.value.code == 2
     assert "packed samples attend to each other with attn_implementation=sdpa" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's contract, written out with explicit softmax attention (the real
+    kernel is CUDA only): (tokens, heads, dim) inputs, samples given by the boundaries."""
+    assert cu_seq_q is cu_seq_k and window_size == (-1, 0) and isinstance(max_q, int)
+    ends = cu_seq_q.tolist()
+    assert max_q == max(b - a for a, b in zip(ends, ends[1:]))
+    if enable_gqa:
+        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
+    output = torch.empty_like(query)
+    for start, end in zip(ends, ends[1:]):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (heads, tokens, dim)
+        scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        output[start:end] = (scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return output
+
+
+@pytest.mark.parametrize("model_dir", [TINY_QWEN, TINY_LLAMA], ids=["qwen2", "llama"])
+def test_one_varlen_kernel_call_per_layer_equals_the_per_sample_loop(model_dir, monkeypatch):
+    import sft_lightning.attention as attention
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=SDPA_VARLEN).eval()
+    samples = chat_samples(model_dir)
+    batch = collate_packed([samples[:3], samples[3:]], pad_token_id=0)
+    inputs, _ = packed_model_inputs(batch, SDPA_VARLEN)
+    with torch.no_grad():
+        loop = model(**inputs, use_cache=False).logits
+        calls = []
+        monkeypatch.setattr(attention, "varlen_kernel", lambda device: lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
+        kernel = model(**inputs, use_cache=False).logits
+    assert len(calls) == model.config.num_hidden_layers  # one call per layer for the whole batch
+    torch.testing.assert_close(kernel, loop, rtol=1e-5, atol=1e-5)
