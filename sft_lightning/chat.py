@@ -50,7 +50,9 @@ class ChatSession:
     def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> tuple[str, bool]:
         """Answer ``text``; ``on_text`` receives the reply piece by piece. Returns (reply, stopped at end-of-turn)."""
         self.messages.append({"role": "user", "content": text})
-        ids = torch.tensor([render_prompt(self.messages, self.tokenizer)], device=self.model.device)
+        # What a person types is text: "<|im_end|>" typed in a chat is not the end-of-turn token.
+        prompt = render_prompt(self.messages, self.tokenizer, split_special_tokens=True)
+        ids = torch.tensor([prompt], device=self.model.device)
         streamer = _Streamer(self.tokenizer, on_text) if on_text else None
         try:
             answer = generate_replies(

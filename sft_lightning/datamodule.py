@@ -54,7 +54,10 @@ class MicroBatchDataset(Dataset):
 class PromptDataset(Dataset):
     """Prediction inputs: each conversation up to its last user turn, rendered with the generation prompt."""
 
-    def __init__(self, path: str, tokenizer, fmt: Format = "auto", system_message: SystemMessage = "auto") -> None:
+    def __init__(
+        self, path: str, tokenizer, fmt: Format = "auto", system_message: SystemMessage = "auto",
+        split_special_tokens: bool = False,
+    ) -> None:
         self.records = read_records(path, require_assistant=False, fmt=fmt)
         self.prompts = []
         for record in self.records:
@@ -62,7 +65,7 @@ class PromptDataset(Dataset):
             if shown[-1]["role"] not in ("user", "tool"):
                 raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
             try:
-                self.prompts.append(render_prompt(shown, tokenizer, record.tools, system_message))
+                self.prompts.append(render_prompt(shown, tokenizer, record.tools, system_message, split_special_tokens))
             except TemplateError as err:
                 raise DataError(f"{record.location}: {err}") from None
 
@@ -108,6 +111,7 @@ class ChatMLDataModule(LightningDataModule):
         on_invalid: Literal["error", "skip"] = "error",
         format: Format = "auto",
         system_message: SystemMessage = "auto",
+        split_special_tokens: bool = False,
     ) -> None:
         """Chat conversations (JSON array or JSONL of ``{"messages": [...]}``) rendered with the model's template.
 
@@ -150,6 +154,9 @@ class ChatMLDataModule(LightningDataModule):
                 system message into the first user turn (``system + "\n\n" + user``, as such models are prompted;
                 counted in the setup summary), ``error`` refuses such conversations. Predict renders the same way,
                 and so does chat.
+            split_special_tokens: message text that spells a special token (``<|im_end|>``, ``<s>``) is an error,
+                as the tokenizer would read the token itself; true reads it as plain text (in training and
+                predict), while the template's own special tokens stay special.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -176,6 +183,7 @@ class ChatMLDataModule(LightningDataModule):
         return tokenize_split(
             self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
             skip_invalid=h.on_invalid == "skip", fmt=h.format, system_message=h.system_message,
+            split_special_tokens=h.split_special_tokens,
         )
 
     def prepare_data(self) -> None:
@@ -207,8 +215,9 @@ class ChatMLDataModule(LightningDataModule):
         if stage == "predict":
             if self.hparams.predict_path is None:
                 raise DataError("data.predict_path is required for predict")
+            h = self.hparams
             self.predict_dataset = PromptDataset(
-                self.hparams.predict_path, self.tokenizer, self.hparams.format, self.hparams.system_message
+                h.predict_path, self.tokenizer, h.format, h.system_message, h.split_special_tokens
             )
 
     def _rows(self, name: str) -> list[list[int]]:

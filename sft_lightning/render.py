@@ -127,14 +127,64 @@ def render_prompt(
     tokenizer: PreTrainedTokenizerBase,
     tools: list[dict] | None = None,
     system_message: SystemMessage = "auto",
+    split_special_tokens: bool = False,
 ) -> list[int]:
     """Ids of a conversation that ends with a user turn (or tool results), followed by the assistant generation
-    prompt: exactly what ``generate`` is given at inference, and the start of the training ids of the next turn."""
-    return _tokens(tokenizer, render_text(tokenizer, messages, True, tools, system_message))
+    prompt: exactly what ``generate`` is given at inference, and the start of the training ids of the next turn.
+    ``split_special_tokens``: see :func:`training_samples`."""
+    if not split_special_tokens:
+        _refuse_special_text(messages, _special_tokens(tokenizer))
+    encode = _Encoder.of(messages, tokenizer, split_special_tokens)
+    return encode(render_text(tokenizer, messages, True, tools, system_message))[0]
 
 
-def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _refuse_special_text(messages: list[dict], specials: "_Specials") -> None:
+    for index, message in enumerate(messages):
+        inside = next((token for token in specials.texts if token in message["content"]), None)
+        if inside is not None:
+            raise TemplateError(
+                f"message {index + 1} contains the text of the special token {inside!r}, which the tokenizer would "
+                "read as the token itself: remove it, or set data.split_special_tokens true to train it as plain text"
+            )
+
+
+class _Encoder(NamedTuple):
+    """Text to (ids, character offsets). Special-token text inside ``literals`` (message contents, under
+    ``split_special_tokens``) is tokenised as plain text; the template's own special tokens stay special."""
+
+    tokenizer: PreTrainedTokenizerBase
+    literals: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, messages: list[dict], tokenizer, split_special_tokens: bool) -> "_Encoder":
+        if not split_special_tokens:
+            return cls(tokenizer)
+        specials = _special_tokens(tokenizer).texts
+        contents = {m["content"] for m in messages if any(token in m["content"] for token in specials)}
+        return cls(tokenizer, tuple(sorted(contents, key=len, reverse=True)))
+
+    def __call__(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        spans = sorted({(found, found + len(literal)) for literal in self.literals for found in _occurrences(text, literal)})
+        ids, offsets, position = [], [], 0
+        for start, end in [*spans, (len(text), len(text))]:
+            if start < position:  # inside a longer literal already taken
+                continue
+            for piece, split in ((text[position:start], False), (text[start:end], True)):
+                if piece:
+                    encoding = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=split,
+                                              return_offsets_mapping=True)
+                    ids += encoding["input_ids"]
+                    offsets += [(a + position, b + position) for a, b in encoding["offset_mapping"]]
+                position += len(piece)
+        return ids, offsets
+
+
+def _occurrences(text: str, literal: str) -> list[int]:
+    found, start = [], text.find(literal)
+    while start >= 0:
+        found.append(start)
+        start = text.find(literal, start + len(literal))
+    return found
 
 
 def training_samples(
@@ -144,6 +194,7 @@ def training_samples(
     max_length: int | None = None,
     tools: list[dict] | None = None,
     system_message: SystemMessage = "auto",
+    split_special_tokens: bool = False,
 ) -> list[RenderedSample]:
     """The samples ``fit`` trains on for one conversation (``data check`` shows the same).
 
@@ -158,8 +209,13 @@ def training_samples(
     token of the whole rendered conversation but the first. Samples longer than ``max_length`` keep their first
     ``max_length`` tokens. ``tools``: the function schemas the conversation may call; an assistant turn's
     ``tool_calls`` are trained as the template renders them, tool results never. ``system_message``: see
-    :func:`render_text`.
+    :func:`render_text`. A message whose content holds the text of a special token (``<|im_end|>``) is an error,
+    as the tokenizer would read the token itself; ``split_special_tokens`` reads such text as plain text instead.
     """
+    specials = _special_tokens(tokenizer)
+    if not split_special_tokens:
+        _refuse_special_text(messages, specials)
+    encode = _Encoder.of(messages, tokenizer, split_special_tokens)
     render = partial(render_text, tokenizer, tools=tools, system_message=system_message)
     whole = render(messages, False)
     if tools and _ignores_tools(tokenizer, messages, whole, system_message):
@@ -168,12 +224,11 @@ def training_samples(
             "the functions in the system message, or use a model whose template renders them"
         )
     if train_on == "all":
-        ids = _tokens(tokenizer, whole)
+        ids = encode(whole)[0]
         return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = turns[-1:] if train_on == "last" else turns
-    specials = _special_tokens(tokenizer)
-    parts = [_turn(messages, turn, tokenizer, specials, render) for turn in turns]
+    parts = [_turn(messages, turn, encode, specials, render) for turn in turns]
     if not _one_sample(parts):
         same_text = all(later.text.startswith(part.text) for part, later in zip(parts, parts[1:]))
         reason = "boundary" if same_text else "history"
@@ -189,9 +244,9 @@ def training_samples(
     # ids equal apply_chat_template of the whole conversation.
     differs = ""
     if whole.startswith(last.text):
-        tail = _tokens(tokenizer, whole[len(last.text) :])
+        tail = encode(whole[len(last.text) :])[0]
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
-        differs = "" if ids == _tokens(tokenizer, whole) else "boundary"
+        differs = "" if ids == encode(whole)[0] else "boundary"
     return [_cut(ids, labels, max_length, differs)]
 
 
@@ -223,16 +278,11 @@ def _cut(ids: list[int], labels: list[int], max_length: int | None, differs: str
     return RenderedSample(ids[:max_length], labels[:max_length], truncated, differs)
 
 
-def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
+def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) -> _Turn:
     """The inference prompt and the trained answer of assistant message ``turn``."""
     message = messages[turn]
     content = message["content"]
-    inside = next((token for token in specials.texts if token in content), None)
-    if inside is not None:
-        raise TemplateError(
-            f"message {turn + 1} contains the text of the special token {inside!r}, which the tokenizer would read as "
-            "the token itself (and end the turn there): remove or escape it in the data"
-        )
+    tokenizer = encode.tokenizer
     prompt, whole = render(messages[:turn], True), render(messages[: turn + 1], False)
     opened = not whole.startswith(prompt)
     answer_text = _diverging_answer(prompt, whole, message, turn, specials) if opened else whole[len(prompt) :]
@@ -241,8 +291,7 @@ def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
     anchor = _content_end(answer_text, message)
     if not any(token in answer_text[anchor:] for token in specials.texts):
         answer_text = answer_text[:anchor] + _closing(messages, turn, whole, tokenizer, specials, render)
-    encoding = tokenizer(answer_text, add_special_tokens=False, return_offsets_mapping=True)
-    answer, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    answer, offsets = encode(answer_text)
     end = next(t for t, token_id in enumerate(answer) if token_id in specials.ids and offsets[t][0] >= anchor)
     rendered = answer_text[: offsets[end][0]]
     first = next((t for t, token_id in enumerate(answer) if token_id in specials.ids), end)
@@ -262,7 +311,7 @@ def _turn(messages, turn: int, tokenizer, specials: _Specials, render) -> _Turn:
             f"the chat template renders more than the content between the generation prompt and the end-of-turn "
             f"token of message {turn + 1}: {rendered[:80]!r}"
         )
-    return _Turn(_tokens(tokenizer, prompt), answer[: end + 1], prompt + answer_text[: offsets[end][1]])
+    return _Turn(encode(prompt)[0], answer[: end + 1], prompt + answer_text[: offsets[end][1]])
 
 
 def _visible(content: str) -> str:

@@ -123,6 +123,7 @@ def tokenize_split(
     skip_invalid: bool = False,
     fmt: Format = "auto",
     system_message: SystemMessage = "auto",
+    split_special_tokens: bool = False,
 ) -> TokenizedSplit:
     """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
 
@@ -130,7 +131,7 @@ def tokenize_split(
     ``PARALLEL_THRESHOLD`` conversations, else none). ``skip_invalid``: leave out conversations that fail
     validation or rendering, counted by reason in ``dropped``, instead of stopping at the first.
     """
-    settings = RenderSettings(max_length, train_on, skip_invalid, fmt, system_message)
+    settings = RenderSettings(max_length, train_on, skip_invalid, fmt, system_message, split_special_tokens)
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, settings)
@@ -152,6 +153,7 @@ class RenderSettings(NamedTuple):
     skip_invalid: bool = False
     fmt: Format = "auto"
     system_message: SystemMessage = "auto"
+    split_special_tokens: bool = False
 
 
 def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
@@ -240,7 +242,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     for record in chunk:
         try:
             samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length,
-                                       record.tools, settings.system_message)
+                                       record.tools, settings.system_message, settings.split_special_tokens)
         except TemplateError as err:
             if not settings.skip_invalid:
                 raise DataError(f"{record.location}: {err}") from None

@@ -398,3 +398,17 @@ def test_a_system_message_that_moves_to_the_latest_user_turn_is_trained_as_each_
     prompt = ["<s>", "[INST]", "hi", "[/INST]", "hello", "</s>", "[INST]", "be", "brief", "how", "are", "you", "[/INST]"]
     assert names(tokenizer, second.input_ids) == prompt + ["fine", "thanks", "</s>"]
     assert names(tokenizer, second.labels) == [None] * len(prompt) + ["fine", "thanks", "</s>"]
+
+
+def test_special_token_text_in_content_is_refused_or_trained_as_plain_text():
+    tokenizer = load_tokenizer(TINY_QWEN)
+    messages = [{"role": "user", "content": "What ends a turn?"}, {"role": "assistant", "content": "The text <|im_end|> does."}]
+    with pytest.raises(TemplateError, match=r"message 2 .* '<\|im_end\|>'.*data.split_special_tokens true"):
+        training_samples(messages, tokenizer)
+    [sample] = training_samples(messages, tokenizer, split_special_tokens=True)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trained = [label for label in sample.labels if label != -100]
+    assert trained.count(eot) == 1 and trained[-1] == eot  # the content's <|im_end|> is plain text, not the token
+    assert tokenizer.decode(trained) == "The text <|im_end|> does.<|im_end|>"
+    prompt = render_prompt(messages[:1], tokenizer, split_special_tokens=True)
+    assert sample.input_ids[: len(prompt)] == prompt and prompt.count(eot) == 1  # the user turn's own end only
