@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -51,7 +52,8 @@ class SFTLightningCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,  # the module owns AdamW and its schedule
             # A prefix of an option (--trainer.max_epoch) is an error, not silently that option.
-            parser_kwargs={"allow_abbrev": False, **kwargs.pop("parser_kwargs", {})},
+            # Parse errors come back as exceptions, which cli_main prints as one line.
+            parser_kwargs={"allow_abbrev": False, "exit_on_error": False, **kwargs.pop("parser_kwargs", {})},
             args=args,
             **kwargs,
         )
@@ -193,7 +195,8 @@ class SFTLightningCLI(LightningCLI):
 
 def function_parser(function: Callable, prog: Optional[str] = None, positional: bool = False) -> ArgumentParser:
     """A parser whose options are ``function``'s typed, documented parameters (``--help`` shows them)."""
-    parser = ArgumentParser(prog=prog, description=function.__doc__.splitlines()[0], allow_abbrev=False)
+    parser = ArgumentParser(prog=prog, description=function.__doc__.splitlines()[0], allow_abbrev=False,
+                            exit_on_error=False)
     # `overrides` (data check) collects the fit options that follow the config; not an option of its own.
     parser.add_function_arguments(function, as_positional=positional, skip={"overrides"})
     return parser
@@ -205,7 +208,8 @@ def run_function(function: Callable, prog: str, args: list[str]) -> None:
 
 def data_main(args: list[str]) -> None:
     """``sft-lightning data sample | convert | check``: one subcommand per function, required values positional."""
-    parser = ArgumentParser(prog="sft-lightning data", description="Data tools.", allow_abbrev=False)
+    parser = ArgumentParser(prog="sft-lightning data", description="Data tools.", allow_abbrev=False,
+                            exit_on_error=False)
     subcommands = parser.add_subcommands()
     for name, function in DATA_COMMANDS.items():
         command = function_parser(function, positional=name != "check")  # check --config C, like fit
@@ -253,6 +257,11 @@ def cli_main(args: Optional[list[str]] = None) -> None:
             SFTLightningCLI(args=args)
     except USER_ERRORS as err:
         print(f"sft-lightning: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ArgumentError as err:  # from the parsers: an unknown option, a value of the wrong type
+        verb = " ".join(argv[:2] if argv[:1] == ["data"] else argv[:1])
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"sft-lightning: error: {message} (sft-lightning {verb} --help lists the options)", file=sys.stderr)
         sys.exit(2)
     except Preempted as preempted:
         if preempted.is_global_zero:

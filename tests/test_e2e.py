@@ -145,10 +145,11 @@ def test_qwen3_template_fit_predict_and_export_answer_alike(tmp_path, monkeypatc
             f"--data.cache_dir={tmp_path / 'cache'}", f"--model.model_name_or_path={model}"]
     cli_main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
     ckpt = next((tmp_path / "lightning_logs").rglob("last.ckpt"))
-    out = tmp_path / "pred.jsonl"
-    predict = [f"--ckpt_path={ckpt}", f"--data.predict_path={VAL}", f"--output_path={out}", "--model.max_new_tokens=24"]
+    out, inputs = tmp_path / "pred.jsonl", tmp_path / "inputs.json"
+    inputs.write_text(json.dumps(json.load(open(VAL))[:6]))
+    predict = [f"--ckpt_path={ckpt}", f"--data.predict_path={inputs}", f"--output_path={out}", "--model.max_new_tokens=24"]
     cli_main(["predict", *args, *predict])
-    rows = [json.loads(line) for line in out.read_text().splitlines()][:6]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
     export_dir = tmp_path / "hf"
     cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])
     tokenizer = AutoTokenizer.from_pretrained(export_dir)

@@ -86,8 +86,8 @@ def test_newcomer_mistakes_are_one_line(capsys, monkeypatch):
         "sft-lightning: error: --model_name is a flag of the seed trainer; here it is --model.model_name_or_path "
         "(README: From the seed trainer)")
     # A prefix of a real option is not taken for it.
-    err = one_line_error(capsys, ["fit", "--config", "configs/tiny.yaml", "--trainer.max_epoch", "1"])
-    assert err.splitlines()[-1] == "error: unrecognized arguments: --trainer.max_epoch 1"
+    assert one_line_error(capsys, ["fit", "--config", "configs/tiny.yaml", "--trainer.max_epoch", "1"]) == (
+        "sft-lightning: error: unrecognized arguments: --trainer.max_epoch 1 (sft-lightning fit --help lists the options)")
 
 
 def test_help_lists_every_verb(capsys):
