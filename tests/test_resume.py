@@ -50,7 +50,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, kill_at, data,
 
 
 def test_ckpt_path_last_without_a_checkpoint_starts_a_new_run(tmp_path):
-    result = fit(tmp_path, "--ckpt_path=last", "--trainer.max_epochs=1")
+    result = fit(tmp_path, "--ckpt_path=last", "--trainer.max_epochs=1", "--trainer.max_steps=6")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no checkpoint under" in result.stdout + result.stderr and newest_checkpoint(tmp_path) is not None
 
