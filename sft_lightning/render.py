@@ -132,9 +132,10 @@ def render_prompt(
     """Ids of a conversation that ends with a user turn (or tool results), followed by the assistant generation
     prompt: exactly what ``generate`` is given at inference, and the start of the training ids of the next turn.
     ``split_special_tokens``: see :func:`training_samples`."""
+    specials = _special_tokens(tokenizer)
     if not split_special_tokens:
-        _refuse_special_text(messages, _special_tokens(tokenizer))
-    encode = _Encoder.of(messages, tokenizer, split_special_tokens)
+        _refuse_special_text(messages, specials)
+    encode = _Encoder.of(messages, tokenizer, specials, split_special_tokens)
     return encode(render_text(tokenizer, messages, True, tools, system_message))[0]
 
 
@@ -156,11 +157,10 @@ class _Encoder(NamedTuple):
     literals: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, messages: list[dict], tokenizer, split_special_tokens: bool) -> "_Encoder":
+    def of(cls, messages: list[dict], tokenizer, specials: "_Specials", split_special_tokens: bool) -> "_Encoder":
         if not split_special_tokens:
             return cls(tokenizer)
-        specials = _special_tokens(tokenizer).texts
-        contents = {m["content"] for m in messages if any(token in m["content"] for token in specials)}
+        contents = {m["content"] for m in messages if any(token in m["content"] for token in specials.texts)}
         return cls(tokenizer, tuple(sorted(contents, key=len, reverse=True)))
 
     def __call__(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -215,7 +215,7 @@ def training_samples(
     specials = _special_tokens(tokenizer)
     if not split_special_tokens:
         _refuse_special_text(messages, specials)
-    encode = _Encoder.of(messages, tokenizer, split_special_tokens)
+    encode = _Encoder.of(messages, tokenizer, specials, split_special_tokens)
     render = partial(render_text, tokenizer, tools=tools, system_message=system_message)
     whole = render(messages, False)
     if tools and _ignores_tools(tokenizer, messages, whole, system_message):
@@ -289,7 +289,7 @@ def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) ->
     # The turn ends at the first special token after its content (or its last tool call): special tokens before
     # it belong to the answer (gpt-oss's <|channel|>final<|message|>, Mistral's [TOOL_CALLS]).
     anchor = _content_end(answer_text, message)
-    if not any(token in answer_text[anchor:] for token in specials.texts):
+    if _first_special(answer_text, specials, anchor) is None:
         answer_text = answer_text[:anchor] + _closing(messages, turn, whole, tokenizer, specials, render)
     answer, offsets = encode(answer_text)
     end = next(t for t, token_id in enumerate(answer) if token_id in specials.ids and offsets[t][0] >= anchor)
@@ -300,7 +300,7 @@ def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) ->
             f"the chat template renders the assistant header with message {turn + 1} ({answer_text[:40]!r}), not in "
             "its generation prompt (add_generation_prompt adds nothing), so the model would have to write its own header"
         )
-    calls = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+    calls = _call_names(message)
     if any(name not in rendered for name in calls):
         raise TemplateError(f"the chat template does not render the tool_calls of message {turn + 1} (it has no tool support)")
     visible = _visible(content)
@@ -319,9 +319,20 @@ def _visible(content: str) -> str:
     return content.split("</think>")[-1].strip()
 
 
+def _call_names(message: dict) -> list[str]:
+    """The functions an assistant message calls, in order."""
+    return [call["function"]["name"] for call in message.get("tool_calls") or ()]
+
+
+def _first_special(text: str, specials: _Specials, start: int = 0) -> tuple[int, str] | None:
+    """(position, text) of the first special token in ``text`` from ``start``; None when there is none."""
+    found = [(text.find(token, start), token) for token in specials.texts if token in text[start:]]
+    return min(found) if found else None
+
+
 def _content_end(answer_text: str, message: dict) -> int:
     """Where the message's content (or, without content, its last tool call's name) ends in its rendered text."""
-    calls = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+    calls = _call_names(message)
     marks = [mark for mark in (_visible(message["content"]), *calls[-1:]) if mark and mark in answer_text]
     return max((answer_text.rfind(mark) + len(mark) for mark in marks), default=0)
 
@@ -339,12 +350,10 @@ def _closing(messages, turn: int, whole: str, tokenizer, specials: _Specials, re
         following = render([*messages[: turn + 1], {"role": "user", "content": "ping"}], False)
     except TemplateError:  # a template that wants a tool result after a tool call, say
         following = ""
-    if following.startswith(whole):
-        gap = following[len(whole) :]
-        found = [(gap.find(token), token) for token in specials.texts if token in gap]
-        if found:
-            position, token = min(found)
-            return gap[: position + len(token)]
+    found = _first_special(following, specials, len(whole)) if following.startswith(whole) else None
+    if found is not None:
+        position, token = found
+        return following[len(whole) : position + len(token)]
     if tokenizer.eos_token is None:
         raise TemplateError(
             f"the assistant message {turn + 1} is not closed by a special end-of-turn token, and the tokenizer has no "
@@ -385,13 +394,13 @@ def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, special
     content = message["content"]
     tag = re.fullmatch(r"<(\w+)>", opening.strip())
     if tag and content.startswith(opening):
-        closing = min((rendered.find(token) for token in specials.texts if token in rendered), default=len(rendered))
-        return content[len(opening) :] + rendered[closing:]
+        closing = _first_special(rendered, specials)
+        return content[len(opening) :] + rendered[closing[0] if closing else len(rendered) :]
     if tag:
         reasoning = (message.get("reasoning_content") or "").strip("\n")
         return ("" if opening.endswith("\n") else "\n") + f"{reasoning}\n</{tag[1]}>\n\n{rendered.lstrip()}"
     visible = _visible(content)
-    calls = [call["function"]["name"] for call in message.get("tool_calls") or ()]
+    calls = _call_names(message)
     start = None
     if visible and visible in rendered:
         start = whole.rfind(visible)
@@ -402,12 +411,11 @@ def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, special
             start -= len(before[0])
     if start is not None:
         answer = whole[start:]
-        end = _content_end(answer, message)
-        closing = min((answer.find(t, end) for t in specials.texts if t in answer[end:]), default=-1)
-        if closing >= 0 and not answer[closing:].strip() in specials.texts:
+        closing = _first_special(answer, specials, _content_end(answer, message))
+        if closing is not None and answer[closing[0] :].strip() not in specials.texts:
             raise TemplateError(
                 f"the chat template renders message {turn + 1} inside the conversation, followed by "
-                f"{answer[closing:][:60]!r}, not after its generation prompt: it cannot be trained as inference sees it"
+                f"{answer[closing[0] :][:60]!r}, not after its generation prompt: it cannot be trained as inference sees it"
             )
         return answer
     raise TemplateError(
