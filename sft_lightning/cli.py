@@ -22,15 +22,15 @@ from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint,
 from sft_lightning.data import convert, sample
 from sft_lightning.data_check import check
 from sft_lightning.datamodule import ChatMLDataModule
-from sft_lightning.entry import USAGE, seed_flag_answer
+from sft_lightning.entry import answered_without_loading
+from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
-from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
 from sft_lightning.memory import estimate
+from sft_lightning.metrics import Tokenize
 from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preempted, Preemption
 from sft_lightning.throughput import ThroughputLogger
-from sft_lightning.metrics import Tokenize
 from sft_lightning.writers import JsonlPredictionWriter
 from sft_lightning.zero import deepspeed_config
 
@@ -235,6 +235,8 @@ def _config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
 
 DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check}
 EXTRA_VERBS = {"export": export, "chat": chat, "estimate": estimate}
+
+
 def cli_main(args: Optional[list[str]] = None) -> None:
     """Entry point of ``sft-lightning``; ``args`` lets tests and notebooks run it in-process."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -242,16 +244,12 @@ def cli_main(args: Optional[list[str]] = None) -> None:
         # DeepSpeed (imported by transformers and Lightning when installed) otherwise prints a warning on stdout
         # that it fell back to the CPU; on a GPU machine its own detection runs.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+    if answered_without_loading(argv):
         return
     try:
-        seed_flag = seed_flag_answer(argv)
-        if seed_flag:
-            raise ConfigError(seed_flag)
-        if argv and argv[0] == "data":
+        if argv[0] == "data":
             data_main(argv[1:])
-        elif argv and argv[0] in EXTRA_VERBS:
+        elif argv[0] in EXTRA_VERBS:
             run_function(EXTRA_VERBS[argv[0]], f"sft-lightning {argv[0]}", argv[1:])
         else:
             SFTLightningCLI(args=args)

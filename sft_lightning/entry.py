@@ -7,8 +7,6 @@ trainer's flag are answered before that, and everything else goes to :func:`sft_
 from __future__ import annotations
 
 import sys
-from typing import Optional
-
 # The seed trainer's flags (sft_train.py, inference.py) and ours, so that a seed user's command gets one line back.
 SEED_FLAGS = {
     "--model_name": "--model.model_name_or_path", "--data_path": "--data.train_path (predict: --data.predict_path)",
@@ -44,25 +42,25 @@ tools:
 example: sft-lightning fit --config configs/tiny.yaml"""
 
 
-def seed_flag_answer(argv: list[str]) -> Optional[str]:
-    """The one-line answer to a seed trainer's flag in ``argv``, or None."""
-    if argv[:1] and argv[0] in OWN_FLAGS_VERBS:
-        return None
-    flag = next((arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS), None)
+def answered_without_loading(argv: list[str]) -> bool:
+    """Answer ``--help`` (or no arguments) and a seed trainer's flag, which need no model code; False otherwise.
+    A seed flag is one line on stderr and exit status 2, like every user error."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return True
+    flag = None if argv[0] in OWN_FLAGS_VERBS else next(
+        (arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS), None
+    )
     if flag is None:
-        return None
-    return f"{flag} is a flag of the seed trainer; here it is {SEED_FLAGS[flag]} (README: From the seed trainer)"
+        return False
+    print(f"sft-lightning: error: {flag} is a flag of the seed trainer; here it is {SEED_FLAGS[flag]} "
+          "(README: From the seed trainer)", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+    if answered_without_loading(sys.argv[1:]):
         return
-    answer = seed_flag_answer(argv)
-    if answer:
-        print(f"sft-lightning: error: {answer}", file=sys.stderr)
-        sys.exit(2)
     from sft_lightning.cli import cli_main
 
     cli_main()  # reads sys.argv itself, as LightningCLI expects of a console script
