@@ -22,7 +22,7 @@ from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint,
 from sft_lightning.data import convert, sample
 from sft_lightning.data_check import check
 from sft_lightning.datamodule import ChatMLDataModule
-from sft_lightning.entry import answered_without_loading
+from sft_lightning.entry import answered_without_loading, exit_with
 from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
@@ -254,13 +254,11 @@ def cli_main(args: Optional[list[str]] = None) -> None:
         else:
             SFTLightningCLI(args=args)
     except USER_ERRORS as err:
-        print(f"sft-lightning: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     except ArgumentError as err:  # from the parsers: an unknown option, a value of the wrong type
         verb = " ".join(argv[:2] if argv[:1] == ["data"] else argv[:1])
         message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        print(f"sft-lightning: error: {message} (sft-lightning {verb} --help lists the options)", file=sys.stderr)
-        sys.exit(2)
+        exit_with(f"{message} (sft-lightning {verb} --help lists the options)")
     except Preempted as preempted:
         if preempted.is_global_zero:
             print(f"sft-lightning: preempted: {preempted}", file=sys.stderr)

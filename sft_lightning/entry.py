@@ -1,12 +1,16 @@
 """The ``sft-lightning`` console script: answers that need no model code come back at once.
 
-Importing Lightning (with torch, transformers and torchmetrics) takes seconds; ``sft-lightning --help`` and a seed
-trainer's flag are answered before that, and everything else goes to :func:`sft_lightning.cli.cli_main`.
+Importing Lightning (with torch, transformers and torchmetrics) takes seconds; ``sft-lightning --help``, a seed
+trainer's flag and a missing config, data file or model folder (:mod:`sft_lightning.preflight`) are answered
+before that, and everything else goes to :func:`sft_lightning.cli.cli_main`.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
+
+from sft_lightning.errors import USER_ERRORS
 # The seed trainer's flags (sft_train.py, inference.py) and ours, so that a seed user's command gets one line back.
 SEED_FLAGS = {
     "--model_name": "--model.model_name_or_path", "--data_path": "--data.train_path (predict: --data.predict_path)",
@@ -58,9 +62,21 @@ def answered_without_loading(argv: list[str]) -> bool:
     sys.exit(2)
 
 
+def exit_with(error: Exception) -> NoReturn:
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"sft-lightning: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     if answered_without_loading(sys.argv[1:]):
         return
+    from sft_lightning.preflight import preflight
+
+    try:
+        preflight(sys.argv[1:])
+    except USER_ERRORS as error:
+        exit_with(error)
     from sft_lightning.cli import cli_main
 
     cli_main()  # reads sys.argv itself, as LightningCLI expects of a console script

@@ -64,6 +64,17 @@ def loading(path: str, what: str):
 
 
 def _check_source(path: str, what: str) -> None:
+    if check_local_source(path, what):
+        return
+    if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
+        raise ModelLoadError(
+            f"{path}: not a local folder, and the Hugging Face hub cannot be reached: give a local folder, or set "
+            "HF_HUB_OFFLINE=1 to load it from the local hub cache"
+        )
+
+
+def check_local_source(path: str, what: str) -> bool:
+    """True if ``path`` is a loadable local folder, False if it reads as a hub name; a one-line error otherwise."""
     local = Path(path).expanduser()
     if local.is_dir():
         if not any((local / name).is_file() for name in REQUIRED_FILES[what]):
@@ -72,18 +83,14 @@ def _check_source(path: str, what: str) -> None:
             raise ModelLoadError(
                 f"{path}: not a Hugging Face {what} folder (it has no {' or '.join(REQUIRED_FILES[what])}){hint}"
             )
-        return
+        return True
     if local.exists():
         raise ModelLoadError(f"{path}: a file, not a Hugging Face {what} folder")
     first = Path(path).parts[0] if Path(path).parts else ""
     looks_local = local.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1 or Path(first).is_dir()
     if looks_local:
         raise ModelLoadError(f"{path}: no such {what} folder")
-    if not os.environ.get("HF_HUB_OFFLINE") and not _hub_reachable():
-        raise ModelLoadError(
-            f"{path}: not a local folder, and the Hugging Face hub cannot be reached: give a local folder, or set "
-            "HF_HUB_OFFLINE=1 to load it from the local hub cache"
-        )
+    return False
 
 
 @lru_cache(maxsize=1)

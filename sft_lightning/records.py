@@ -30,6 +30,13 @@ class Record:
     tools: Optional[list[dict]] = None  # function schemas the conversation may call, rendered by the template
 
 
+def require_file(path: str) -> Path:
+    """``path`` as a Path, or the one-line error every reader of a data file gives when it is missing."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    return Path(path)
+
+
 def read_records(
     path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None, fmt: Format = "auto"
 ) -> list[Record]:
@@ -42,9 +49,7 @@ def read_records(
         skipped: None: the first invalid conversation raises. A Counter: invalid conversations (and unparsable
             JSONL lines) are left out and counted in it by reason. A file that cannot be read at all still raises.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    path = require_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -29,7 +29,7 @@ from rich.progress import Progress
 from sft_lightning import formats, records, render
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
-from sft_lightning.records import Record, read_records
+from sft_lightning.records import Record, read_records, require_file
 from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn, has_system_role, training_samples
 
 ARRAYS = ("input_ids", "labels", "offsets")
@@ -157,8 +157,7 @@ class RenderSettings(NamedTuple):
 
 
 def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as data:

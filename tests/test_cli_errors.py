@@ -120,3 +120,53 @@ def test_console_script_reports_bad_data_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"sft-lightning: error: {data}: record 2: message 1: content is a int, not a string"
     assert "Traceback" not in result.stderr
+
+
+# The console script answers these before importing Lightning, torch or transformers (sft_lightning.preflight);
+# each command is also the full path's error, so the line is the same when run through cli_main above.
+PREFLIGHT = {
+    "missing config file": (["fit", "--config", "nope.yaml"], "nope.yaml: no such config file"),
+    "config that is not YAML": (["fit", "--config", "BAD_YAML"], "BAD_YAML: not valid YAML"),
+    "missing training file": (["fit", "--config", "configs/tiny.yaml", "--data.train_path", "nope.jsonl"],
+                              "nope.jsonl: no such file"),
+    "missing validation file (= form)": (["validate", "--config", "configs/tiny.yaml", "--data.val_path=v.json"],
+                                         "v.json: no such file"),
+    "missing prediction input": (["predict", "--config", "configs/tiny.yaml", "--data.predict_path=p.json"],
+                                 "p.json: no such file"),
+    "missing model folder": (["fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path=./nope"],
+                             "./nope: no such model folder"),
+    "folder that is not a model": (["test", "--config", "configs/tiny.yaml", "--model.model_name_or_path", "data"],
+                                   "data: not a Hugging Face model folder (it has no config.json)"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFLIGHT))
+def test_console_script_answers_missing_inputs_without_loading_lightning(tmp_path, case):
+    argv, message = PREFLIGHT[case]
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    argv = [str(bad_yaml) if arg == "BAD_YAML" else arg for arg in argv]
+    message = message.replace("BAD_YAML", str(bad_yaml))
+    # The console script's main, in a fresh interpreter that then reports which heavy modules it imported.
+    probe = ("import sys; from sft_lightning.entry import main; sys.argv = ['sft-lightning', *sys.argv[1:]]\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+             "print(code, sorted(m for m in ('lightning', 'torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == ["2", "[]"], result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(f"sft-lightning: error: {message}")
+
+
+def test_preflight_leaves_what_it_cannot_read_to_the_full_parse(tmp_path):
+    from sft_lightning.preflight import preflight
+
+    # A section given as a dict or a file, a glob and a hub name: not judged here (the full parse does).
+    preflight(["fit", "--config", "configs/tiny.yaml", "--data", "{train_path: nope.jsonl}"])
+    preflight(["fit", "--config", "configs/tiny.yaml", "--data.train_path", "shards/*.jsonl"])
+    preflight(["fit", "--config", "configs/tiny.yaml", "--model.model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct",
+               "--data.train_path", "data/chatml_data.json"])
+    preflight(["fit", "--print_config", "--data.train_path", "nope.jsonl"])
+    preflight(["export", "nope.ckpt"])
+    # The last value given wins, as in the full parse: a config's missing file replaced on the command line is fine.
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  train_path: nope.jsonl\nmodel:\n  model_name_or_path: models/tiny-qwen2\n")
+    preflight(["fit", "--config", str(config), "--data.train_path=data/chatml_data.json"])

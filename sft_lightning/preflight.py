@@ -1,0 +1,81 @@
+"""The checks of ``fit | validate | test | predict`` that need no model code, run before Lightning is imported.
+
+Importing Lightning (with torch, transformers and torchmetrics) takes 5-10 s; the commonest mistakes, a missing
+config file, data file or model folder, are answered in a fraction of a second. The values checked are the
+ones the command will use (the ``--config`` files in order, then the ``--model.*`` and ``--data.*`` options),
+and the checks are the functions the full path runs later, so the line is the same either way. A value this
+reader cannot be sure of (a section given as a file or a dict, a glob, a hub name) is left to the full path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from sft_lightning.errors import ConfigError, check_local_source
+from sft_lightning.records import require_file
+
+# The data files each verb reads.
+VERB_DATA = {"fit": ("train_path", "val_path"), "validate": ("val_path",), "test": ("test_path",),
+             "predict": ("predict_path",)}
+SECTIONS = ("model", "data")
+
+
+def preflight(argv: list[str]) -> None:
+    """Raise the user error that ``argv`` (a verb and its options) would meet in the full path, if certain."""
+    if not argv or argv[0] not in VERB_DATA or any(arg.split("=")[0] in ("-h", "--help", "--print_config") for arg in argv):
+        return
+    settings = _settings(argv[1:])
+    if settings is None:
+        return
+    for name in VERB_DATA[argv[0]]:
+        path = settings["data"].get(name)
+        if isinstance(path, str) and not any(char in path for char in "*?["):
+            require_file(path)
+    model = settings["model"].get("model_name_or_path")
+    if isinstance(model, str):
+        check_local_source(model, "model")
+
+
+def _settings(options: list[str]) -> Optional[dict[str, dict[str, Any]]]:
+    """The ``model`` and ``data`` values the options set; None when a section comes from somewhere not read here."""
+    import yaml
+
+    settings: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for key, value in _pairs(options):
+        if key == "config":
+            loaded = _config_file(value, yaml)
+            for section in SECTIONS:
+                if section in loaded and not isinstance(loaded[section], dict):
+                    return None  # `data: data.yaml` or a class_path: the full parser reads it
+                settings[section].update(loaded.get(section) or {})
+        elif key in SECTIONS:
+            return None  # --data '{...}' or --data data.yaml
+        elif key.split(".")[0] in SECTIONS:
+            section, _, name = key.partition(".")
+            settings[section][name] = yaml.safe_load(value) if value is not None else None
+    return settings
+
+
+def _pairs(options: list[str]) -> Iterator[tuple[str, Optional[str]]]:
+    """(key, value) for each ``--key value`` or ``--key=value``; a flag without a value gets None."""
+    rest = iter(options)
+    for option in rest:
+        if not option.startswith("--"):
+            continue
+        key, equals, value = option[2:].partition("=")
+        if not equals and (key == "config" or key.split(".")[0] in SECTIONS):
+            value = next(rest, None)
+        yield key, value if equals or value is not None else None
+
+
+def _config_file(path: Optional[str], yaml) -> dict:
+    if path is None or any(mark in path for mark in ("{", "\n", ": ")):
+        return {}  # a config given inline, not a file: the full parser reads it
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    return loaded if isinstance(loaded, dict) else {}
