@@ -58,10 +58,12 @@ def run_mode(mode: str, folder: str, rows: int, length: int, steps: int) -> dict
         module = SFTLitModule(folder, **({"lm_head_chunk_tokens": None} if mode == "unchunked" else {}))
         module.configure_model()
         model = module.model.to(device)
-        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+        from sft_lightning.collate import collate_training
+
+        batch = collate_training(input_ids.tolist(), input_ids.tolist(), pad_token_id=0).to(device)
 
         def step():
-            stats = module._token_stats(batch)
+            stats = module.score(batch)
             return stats.nll_sum / stats.supervised_tokens
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

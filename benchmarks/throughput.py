@@ -82,7 +82,7 @@ def plain_loop(model_path: str, batches: list[dict], device: torch.device) -> fl
     _synchronize(device)
     start = time.perf_counter()
     for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        inputs = {k: getattr(batch, k).to(device) for k in ("input_ids", "attention_mask", "position_ids", "labels") if hasattr(batch, k)}
         # use_cache=False: with transformers' default cache, packed samples silently attend to each other.
         model(**inputs, use_cache=False).loss.backward()
         optimizer.step()

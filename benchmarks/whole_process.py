@@ -6,7 +6,7 @@ For each fixture (the long-tailed conversations of ``benchmarks/throughput.py`` 
 saved as a Hugging Face folder with the shipped ChatML tokenizer), one after another, each in a fresh process:
 
 - ``sft-lightning fit``, padded and packed: the real command (imports, tokenisation, one epoch, checkpoint,
-  export to ``hf_model/``);
+  export to ``hf_model/``), and packed once more with ``--model.lm_head_chunk_tokens=null`` (whole logits);
 - a plain loop, padded and packed: what a user writes by hand (load, HF forward with labels, AdamW, save);
 - TRL's ``SFTTrainer`` (padded, no packing, then ``save_model``), run by ``--trl_python`` (default: this Python;
   skipped with a line when it cannot import trl).
@@ -24,7 +24,6 @@ vocabulary, hidden 128, 2 layers, tied: 19.8M parameters, almost all of them the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -106,7 +105,7 @@ def plain_run(data: str, model_path: str, out: str, packed: bool) -> None:
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
     for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        inputs = {k: getattr(batch, k).to(device) for k in ("input_ids", "attention_mask", "position_ids", "labels") if hasattr(batch, k)}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             loss = model(**inputs, use_cache=False).loss  # use_cache=False: packed rows stay apart
         loss.backward()
@@ -146,6 +145,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=450)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl_python", default=sys.executable, help="a Python that can import trl and datasets")
+    parser.add_argument("--runs", nargs="+", default=["sft-lightning", "plain", "TRL"],
+                        help="which runs, by the start of their label; ratios are against TRL, else the first run")
     parser.add_argument("--child", choices=["plain-padded", "plain-packed", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -166,6 +167,9 @@ def main() -> None:
           + ("" if with_trl else f"; TRL skipped: {args.trl_python} cannot import trl and datasets"))
     me = [sys.executable, __file__]
     for name in args.fixtures:
+        shape = FIXTURES[name]
+        print(f"\nfixture {name}: vocabulary {shape['vocab_size']:,}, hidden {shape['hidden_size']}, "
+              f"{shape['num_hidden_layers']} layers, {'tied' if shape['tie_word_embeddings'] else 'untied'} head", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / name
             data, model = write_fixture(folder, name, args.conversations, args.seed)
@@ -173,20 +177,25 @@ def main() -> None:
             runs = {
                 "sft-lightning padded": sft_lightning_command(data, model, folder / "padded", False, cuda),
                 "sft-lightning packed": sft_lightning_command(data, model, folder / "packed", True, cuda),
+                # The LM head and loss on whole logits, as before they ran in chunks (model.lm_head_chunk_tokens).
+                "sft-lightning packed, whole logits": sft_lightning_command(data, model, folder / "whole", True, cuda)
+                + ["--model.lm_head_chunk_tokens=null"],
                 "plain loop padded": me + ["--child", "plain-padded", "--out", str(folder / "plain-padded")] + child,
                 "plain loop packed": me + ["--child", "plain-packed", "--out", str(folder / "plain-packed")] + child,
+                "TRL SFTTrainer padded": [args.trl_python, __file__, "--child", "trl", "--out", str(folder / "trl")] + child,
             }
-            if with_trl:
-                runs["TRL SFTTrainer padded"] = [args.trl_python, __file__, "--child", "trl", "--out", str(folder / "trl")] + child
-            results = {label: measure(command, ROOT, env)[:2] for label, command in runs.items()}
-        shape = FIXTURES[name]
-        print(f"\nfixture {name}: vocabulary {shape['vocab_size']:,}, hidden {shape['hidden_size']}, "
-              f"{shape['num_hidden_layers']} layers, {'tied' if shape['tie_word_embeddings'] else 'untied'} head")
-        reference = "TRL SFTTrainer padded" if with_trl else "plain loop padded"
-        print(f"{'run':<24}{'wall s':>9}{'peak GB':>9}{'wall vs ' + reference.split()[0]:>14}{'peak vs ' + reference.split()[0]:>14}")
+            chosen = [label for label in runs if any(label.startswith(prefix) for prefix in args.runs)]
+            chosen = [label for label in chosen if with_trl or not label.startswith("TRL")]
+            results = {}
+            for label in chosen:
+                results[label] = measure(runs[label], ROOT, env)[:2]
+                print(f"  {label}: {results[label][0]:.1f} s, {results[label][1]:.2f} GB", flush=True)
+        reference = chosen[-1] if chosen[-1].startswith("TRL") else chosen[0]
+        name = reference.split()[0]
+        print(f"{'run':<36}{'wall s':>9}{'peak GB':>9}{'wall vs ' + name:>14}{'peak vs ' + name:>14}")
         for label, (seconds, peak) in results.items():
             ref_seconds, ref_peak = results[reference]
-            print(f"{label:<24}{seconds:>9.1f}{peak:>9.2f}{seconds / ref_seconds:>13.2f}x{peak / ref_peak:>13.2f}x")
+            print(f"{label:<36}{seconds:>9.1f}{peak:>9.2f}{seconds / ref_seconds:>13.2f}x{peak / ref_peak:>13.2f}x")
 
 
 if __name__ == "__main__":

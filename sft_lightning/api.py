@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from sft_lightning.cli import SFTLightningCLI
+from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.data import create_chatml_sample, save_chatml_data
 from sft_lightning.errors import ConfigError
 from sft_lightning.records import read_records

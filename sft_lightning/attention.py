@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sft_lightning.collate import PackedBatch
 from sft_lightning.packing import collate_packed
 
 SDPA_VARLEN = "sdpa_varlen"
@@ -74,7 +75,7 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> 
 
 
 def packed_model_inputs(
-    batch: dict[str, torch.Tensor], attn_implementation: str
+    batch: PackedBatch, attn_implementation: str
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs and labels of a packed batch for the attention in use, so that no sample attends to another.
 
@@ -86,17 +87,17 @@ def packed_model_inputs(
     and ``eager`` keep the rows and get no mask, from which transformers builds the block-diagonal one out of
     ``position_ids``.
     """
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if "flash" not in attn_implementation and attn_implementation != SDPA_VARLEN:
-        return inputs, batch["labels"]
+        return inputs, batch.labels
     inputs = {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}
     if attn_implementation == SDPA_VARLEN:
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     # The boundaries and the longest sample, computed once by the collate: FlashAttention-2 in transformers then
     # skips re-deriving them from position_ids (host syncs) in every layer; sdpa_varlen's kernel needs them.
-    bounds = batch["cu_seq_lens"]
-    inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
-    return inputs, batch["labels"].reshape(1, -1)
+    bounds, longest = batch.cu_seq_lens, batch.max_seq_len
+    inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+    return inputs, batch.labels.reshape(1, -1)
 
 
 def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], attn_implementation: str) -> float:
@@ -106,7 +107,7 @@ def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], att
     calls it. Used by the tests and by the check that runs before a packed fit.
     """
     device = next(model.parameters()).device
-    batch = _packed_batch([samples], device)
+    batch = collate_packed([samples], pad_token_id=0).to(device)
     inputs, _ = packed_model_inputs(batch, attn_implementation)
     with torch.no_grad():
         packed = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
@@ -129,17 +130,13 @@ def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, att
     logits = []
     for before in (first, other):
         row = [(before.tolist(), before.tolist()), (second.tolist(), second.tolist())]
-        batch = _packed_batch([row], first.device)
+        batch = collate_packed([row], pad_token_id=0).to(first.device)
         inputs, _ = packed_model_inputs(batch, attn_implementation)
         output = model(**inputs, use_cache=False).logits
         logits.append(output.reshape(-1, output.shape[-1])[len(first) :].float())
     return (logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp(min=1e-6)
 
 
-def _packed_batch(rows, device: torch.device) -> dict:
-    """:func:`collate_packed` with its tensors on ``device`` (as Lightning moves a batch: other values stay)."""
-    return {name: value.to(device) if torch.is_tensor(value) else value
-            for name, value in collate_packed(rows, pad_token_id=0).items()}
 
 
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)

@@ -14,7 +14,7 @@ from typing import Callable, Optional, TextIO
 import torch
 from transformers import TextStreamer
 
-from sft_lightning.export import load_checkpoint_module
+from sft_lightning.checkpoint_loading import load_trained_module
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.module import SFTLitModule
 from sft_lightning.render import render_prompt, render_text, stop_token_ids
@@ -77,7 +77,7 @@ class _Streamer(TextStreamer):
 def load_for_chat(model_path: Optional[str], ckpt_path: Optional[str], trust_remote_code: bool = False):
     """(model, tokenizer) from an exported/hub folder, or from a training checkpoint."""
     if ckpt_path is not None:
-        module = load_checkpoint_module(ckpt_path)
+        module = load_trained_module(ckpt_path)
         return module.model.eval(), module.tokenizer
     if model_path is None:
         raise FileNotFoundError("chat needs --model_path (a model folder or hub name) or --ckpt_path")

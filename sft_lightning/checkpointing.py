@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -80,26 +78,3 @@ def newest_checkpoint(root: str | Path) -> Optional[Path]:
     # Sharded checkpoints (FSDP, DeepSpeed) are folders named like files.
     found = [path for path in Path(root).expanduser().rglob("*.ckpt") if path.is_file() or path.is_dir()]
     return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
-
-
-def rng_states() -> dict[str, Any]:
-    """Every RNG a training step may draw from, in types that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])

@@ -1,196 +1,25 @@
-"""The ``sft-lightning`` command: LightningCLI for fit | validate | test | predict, plus ``export``."""
+"""The ``sft-lightning`` command: fit | validate | test | predict (:class:`SFTLightningCLI`), the tools (``chat``,
+``export``, ``estimate``, ``data ...``), and the one-line answer to every user error."""
 
 from __future__ import annotations
 
 import os
 import sys
-import warnings
 from argparse import ArgumentError
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from jsonargparse import ArgumentParser
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoConfig
 
-from sft_lightning.adapters import as_lora, quantization_config
 from sft_lightning.chat import chat
-from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.data import convert, sample
 from sft_lightning.data_check import check
-from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.entry import answered_without_loading, exit_with
-from sft_lightning.errors import USER_ERRORS, ConfigError, DataError, loading
+from sft_lightning.errors import USER_ERRORS
 from sft_lightning.export import export
-from sft_lightning.fit_summary import FitSummary
+from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.memory import estimate
-from sft_lightning.metrics import Tokenize
-from sft_lightning.module import SFTLitModule
-from sft_lightning.preemption import Preempted, Preemption
-from sft_lightning.throughput import ThroughputLogger
-from sft_lightning.writers import JsonlPredictionWriter
-from sft_lightning.zero import deepspeed_config
-
-
-# cli_main(args) is meant to be called from Python (tests, notebooks) while sys.argv holds the caller's own flags.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-
-# SFTLitModule arguments that only decide how predict (and chat) generate.
-GENERATION_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p")
-
-
-class SFTLightningCLI(LightningCLI):
-    def __init__(self, args=None, **kwargs) -> None:
-        super().__init__(
-            SFTLitModule,
-            ChatMLDataModule,
-            trainer_defaults={"default_root_dir": "outputs"},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,  # the module owns AdamW and its schedule
-            # A prefix of an option (--trainer.max_epoch) is an error, not silently that option.
-            # Parse errors come back as exceptions, which cli_main prints as one line.
-            parser_kwargs={"allow_abbrev": False, "exit_on_error": False, **kwargs.pop("parser_kwargs", {})},
-            args=args,
-            **kwargs,
-        )
-
-    def instantiate_trainer(self, **kwargs):
-        """The trainer, after checking that a GPU config has a GPU to run on (Lightning's own error is a traceback)."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        accelerator = str(config.trainer.accelerator)
-        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-            source = ", ".join(str(path) for path in config.get("config") or []) or "the config"
-            raise ConfigError(
-                f"{source} asks for trainer.accelerator={accelerator} and this machine has no CUDA GPU: run it on a GPU "
-                "machine, or add --trainer.accelerator=cpu --trainer.devices=1 --trainer.strategy=auto "
-                "--trainer.precision=32-true"
-            )
-        return super().instantiate_trainer(**kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": "val_loss",
-            "checkpoint.mode": "min",
-            "checkpoint.save_last": True,
-            "checkpoint.filename": "step{step:06d}-val_loss{val_loss:.4f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults({
-            "early_stopping.monitor": "val_loss",
-            "early_stopping.patience": 3,
-            # Only judge after a validation run, so a fit without val data is never stopped for lack of it.
-            "early_stopping.check_on_train_epoch_end": False,
-        })
-        parser.add_lightning_class_args(ThroughputLogger, "throughput")
-        parser.add_lightning_class_args(Preemption, "preemption")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")
-        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
-
-    def _parse_ckpt_path(self) -> None:
-        """Generation settings come from this command, never from the checkpoint.
-
-        Lightning 2.6's ``LightningCLI._parse_ckpt_path`` (private; the one override of it here) re-parses the
-        checkpoint's saved ``model`` arguments over the command line, so ``predict --ckpt_path K
-        --model.do_sample true`` would silently decode greedily with the settings saved at fit time.
-        """
-        model = self.config.get(self.config.get("subcommand") or "", {}).get("model")
-        kept = {name: model[name] for name in GENERATION_SETTINGS} if model is not None else {}
-        super()._parse_ckpt_path()
-        for name, value in kept.items():
-            self.config[self.config.subcommand].model[name] = value
-
-    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "predict":
-            parser.add_argument("--output_path", type=Optional[str], default=None,
-                                help="JSONL file for the predictions (input messages and the generated text)")
-            parser.add_argument("--metrics_tokenize", type=Tokenize, default="auto",
-                                help="sacreBLEU tokenisation for BLEU and ROUGE-L against references: auto is zh "
-                                     "(one token per Chinese or Japanese character) when a reference has CJK text, "
-                                     "else 13a")
-        return parser
-
-    def _resolve_last_checkpoint(self) -> None:
-        """``--ckpt_path last``: the newest checkpoint anywhere under ``trainer.default_root_dir``.
-
-        Lightning's own ``last`` looks only in the new run's version folder, which a restarted process has just
-        created empty, and silently starts over. No checkpoint at all (a first run under a requeueing scheduler)
-        starts a new run, with a line saying so.
-        """
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        root = self.trainer.default_root_dir
-        found = newest_checkpoint(root)
-        if found is None:
-            rank_zero_info(f"--ckpt_path last: no checkpoint under {root} yet; starting a new run")
-        else:
-            rank_zero_info(f"--ckpt_path last: resuming from {found}")
-        config["ckpt_path"] = None if found is None else str(found)
-
-    def _before_any(self) -> None:
-        self._check_model_fits_data()
-        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        self._resolve_last_checkpoint()
-        config = deepspeed_config(self.trainer.strategy)
-        if config is not None:
-            # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the
-            # micro-batch off the loader's batch_sampler, which a loader of whole micro-batches does not have.
-            config.setdefault("train_micro_batch_size_per_gpu", self.datamodule.hparams.batch_size)
-
-    def _check_model_fits_data(self) -> None:
-        """Fail in a second, before any output exists, on a model that is missing or too short for the data."""
-        model = self.model.hparams
-        quantization_config(model.quantization, as_lora(model.lora))  # CUDA, bitsandbytes and lora, or one line
-        with loading(model.model_name_or_path, "model"):
-            config = AutoConfig.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
-        positions = getattr(config, "max_position_embeddings", None)
-        max_length = self.datamodule.hparams.max_length
-        if self.subcommand != "predict" and positions is not None and max_length > positions:
-            raise ConfigError(
-                f"data.max_length={max_length} is more than the {positions} positions of {model.model_name_or_path} "
-                "(max_position_embeddings): lower data.max_length"
-            )
-
-    before_validate = before_test = _before_any
-
-    def before_fit(self) -> None:
-        self._before_any()
-        self.trainer.callbacks.append(FitSummary())
-        if self.datamodule.hparams.val_path is None:
-            # Without validation there is no val_loss to choose checkpoints by (Lightning would warn every epoch).
-            for callback in self.trainer.checkpoint_callbacks:
-                if callback.monitor == "val_loss":
-                    callback.monitor, callback.filename = None, "step{step:06d}"
-            rank_zero_info("no data.val_path: checkpoints keep the latest step, and early stopping never triggers")
-
-    def before_predict(self) -> None:
-        self._before_any()
-        output_path = self.config.predict.output_path
-        if output_path is None:
-            raise DataError("predict needs --output_path FILE.jsonl")
-        self.trainer.callbacks.append(JsonlPredictionWriter(output_path, self.config.predict.metrics_tokenize))
-        # Predict logs nothing: no new version_N folder beside the training runs (nor its config.yaml).
-        self.trainer.logger = None
-        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
-
-    def after_fit(self) -> None:
-        """Export the best weights (else the last) as ``hf_model/`` in the run's log directory, on global rank 0."""
-        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank asks, or the run hangs
-        if not self.trainer.is_global_zero or log_dir is None:
-            return
-        callback = self.trainer.checkpoint_callback
-        ckpt = callback and (callback.best_model_path or callback.last_model_path)
-        if ckpt:
-            export(ckpt, str(Path(log_dir) / "hf_model"))
+from sft_lightning.preemption import Preempted
 
 
 def function_parser(function: Callable, prog: Optional[str] = None, positional: bool = False) -> ArgumentParser:
@@ -216,7 +45,7 @@ def data_main(args: list[str]) -> None:
         subcommands.add_subcommand(name, command, help=command.description)
     args, overrides = _config_overrides(args) if args[:1] == ["check"] else (args, [])
     # `--from sharegpt` reads better than the parameter's name.
-    config = parser.parse_args(["--from_format" if arg == "--from" else arg for arg in args])
+    config = parser.parse_args(["--format" if arg == "--from" else arg for arg in args])
     name = config.subcommand
     options = vars(config[name]) | ({"overrides": tuple(overrides)} if name == "check" else {})
     DATA_COMMANDS[name](**options)

@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple, Optional
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
-from sft_lightning.records import read_records, validate_messages
+from sft_lightning.records import OnInvalid, read_records, validate_messages
 
 COUNTRIES = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
@@ -137,17 +137,17 @@ def sample(output_path: str, count: int = 20, seed: int = 0, language: Literal["
     print(f"wrote {count} conversations to {written}")
 
 
-def convert(input_path: str, output_path: str, from_format: Format = "auto", on_invalid: str = "error") -> None:
+def convert(input_path: str, output_path: str, format: Format = "auto", on_invalid: OnInvalid = "error") -> None:
     """Convert ShareGPT or Alpaca data (JSON array or JSONL) to ChatML ``messages``.
 
     Args:
         input_path: the file to convert.
         output_path: ``.jsonl`` or ``.json`` file to write.
-        from_format: ``sharegpt``, ``alpaca``, or ``auto`` (by each row's keys); ``--from`` for short.
+        format: ``sharegpt``, ``alpaca``, or ``auto`` (by each row's keys); ``--from`` reads better.
         on_invalid: ``error`` stops at the first bad row with its line; ``skip`` leaves bad rows out.
     """
     skipped = Counter() if on_invalid == "skip" else None
-    records = read_records(input_path, skipped=skipped, fmt=from_format)
+    records = read_records(input_path, skipped=skipped, format=format)
     save_chatml_data(({"messages": r.messages, **({"tools": r.tools} if r.tools else {})} for r in records), output_path)
     left_out = f", skipped {sum(skipped.values())} ({', '.join(f'{n} {why}' for why, n in skipped.items())})" if skipped else ""
     print(f"converted {len(records)} conversations from {input_path} to {output_path}{left_out}")

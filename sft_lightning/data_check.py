@@ -18,6 +18,7 @@ from rich.text import Text
 from transformers import GenerationConfig
 
 from sft_lightning.errors import CheckFailed, DataError, TemplateError
+from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.records import read_records
 from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id
 from sft_lightning.tokenized import TokenizedSplit
@@ -54,8 +55,6 @@ def check(
         max_dropped_fraction: fail when more conversations than this are dropped (invalid, or nothing left to train).
         overrides: the ``--model.*`` and ``--data.*`` options given after the config.
     """
-    from sft_lightning.cli import SFTLightningCLI  # the same parser and classes as fit; imported late (cycle)
-
     cli = SFTLightningCLI(args=["--config", config, *overrides, *TRAINER_OVERRIDES], run=False)
     data, model_path = cli.datamodule, cli.model.hparams.model_name_or_path
     console = Console(highlight=False)
@@ -70,7 +69,7 @@ def check(
         console.print(Text(f"sample {index + 1} (trained tokens in bold green and ⟦ ⟧):", style="bold"))
         console.print(highlighted(tokenized, index, tokenizer))
         console.print()
-    console.print(statistics(tokenized, data, split, read_records(tokenized.path, fmt=data.hparams.format)))
+    console.print(statistics(tokenized, data, split, read_records(tokenized.path, format=data.hparams.format)))
     outcomes = [Outcome("renders and masks with the chat template", "pass", "every turn after its inference prompt, closed by a special end-of-turn token")]
     outcomes += checks(tokenized, tokenizer, eot, model_path, data.hparams.max_length)
     outcomes += thresholds(tokenized, max_truncated_fraction, max_dropped_fraction)
@@ -112,7 +111,7 @@ def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
         ("tokens", f"{int(lengths.sum())} (mean {lengths.mean():.1f})"),
         ("length p50 / p90 / p99 / max", " / ".join(str(int(np.percentile(lengths, q))) for q in (50, 90, 99, 100))),
         ("supervised tokens", f"{supervised} ({supervised / lengths.sum():.1%} of all tokens)"),
-        ("batching", data._batching_summary(split).split(": ", 1)[1]),
+        ("batching", str(data.batching(split))),
     ]
     for name, value in rows:
         table.add_row(name, value)

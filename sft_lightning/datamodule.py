@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import os
-import warnings
 from functools import partial
-from typing import Any, Literal, Optional
+from typing import Any, NamedTuple, Optional
 
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from sft_lightning.checkpointing import rng_states, set_rng_states
-from sft_lightning.collate import collate_prompts, collate_training
+from sft_lightning.collate import PromptBatch, TrainingBatch, collate_prompts, collate_training
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
-from sft_lightning.records import read_records
+from sft_lightning.records import OnInvalid, Record, read_records
 from sft_lightning.render import IGNORE_INDEX, SystemMessage, TrainOn, load_tokenizer, render_prompt
-from sft_lightning.sampling import MicroBatch, StepPlan, StepPlanSampler
+from sft_lightning.sampling import MicroBatch, ResumableLoader, StepPlan, StepPlanSampler
 from sft_lightning.tokenized import TokenizedSplit, tokenize_split
 
-# Lightning warns on every mid-epoch resume unless the DataLoader object itself is stateful; this data module
-# restores the position through its own state_dict (see ChatMLDataModule.state_dict), so the warning is wrong here.
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+class Batching(NamedTuple):
+    how: str  # "packed N conversations into M rows of <= L tokens", "grouped by length", or "" (plain)
+    padding: float  # share of the micro-batch tensor slots that hold padding
+    plain_padding: Optional[float]  # the same without packing or grouping; None when batching is plain
+
+    def __str__(self) -> str:
+        if self.plain_padding is None:
+            return f"padding {self.padding:.1%} of the batch tokens"
+        return f"{self.how}; padding {self.padding:.1%} of the batch tokens ({self.plain_padding:.1%} without)"
 
 
 class MicroBatchDataset(Dataset):
@@ -38,16 +41,16 @@ class MicroBatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.split)
 
-    def __getitem__(self, micro: MicroBatch) -> dict[str, torch.Tensor]:
+    def __getitem__(self, micro: MicroBatch) -> TrainingBatch:
         if self.rows is None:
             chosen = [self.split.sample(i) for i in micro.indices]
-            batch = collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id)
+            batch = collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id,
+                                     micro.step_supervised_tokens)
         else:
             rows = [[self.split.sample(i) for i in self.rows[r]] for r in micro.indices]
-            batch = collate_packed(rows, self.pad_token_id)
+            batch = collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens)
         if micro.ghost:
-            batch["labels"].fill_(IGNORE_INDEX)
-        batch["step_supervised_tokens"] = torch.tensor(micro.step_supervised_tokens)
+            batch.labels.fill_(IGNORE_INDEX)
         return batch
 
 
@@ -55,10 +58,10 @@ class PromptDataset(Dataset):
     """Prediction inputs: each conversation up to its last user turn, rendered with the generation prompt."""
 
     def __init__(
-        self, path: str, tokenizer, fmt: Format = "auto", system_message: SystemMessage = "auto",
+        self, path: str, tokenizer, format: Format = "auto", system_message: SystemMessage = "auto",
         split_special_tokens: bool = False,
     ) -> None:
-        self.records = read_records(path, require_assistant=False, fmt=fmt)
+        self.records = read_records(path, require_assistant=False, format=format)
         self.prompts = []
         for record in self.records:
             shown = prompt_messages(record.messages)
@@ -81,10 +84,8 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
     return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
 
-def _collate_prompt_batch(items: list[tuple[int, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    batch = collate_prompts([prompt for _, prompt in items], pad_token_id)
-    batch["index"] = torch.tensor([index for index, _ in items])
-    return batch
+def _collate_prompt_batch(items: list[tuple[int, list[int]]], pad_token_id: int) -> PromptBatch:
+    return collate_prompts([prompt for _, prompt in items], pad_token_id, [index for index, _ in items])
 
 
 class ChatMLDataModule(LightningDataModule):
@@ -108,7 +109,7 @@ class ChatMLDataModule(LightningDataModule):
         seed: int = 42,
         cache_dir: Optional[str] = "~/.cache/sft-lightning",
         preprocessing_workers: Optional[int] = None,
-        on_invalid: Literal["error", "skip"] = "error",
+        on_invalid: OnInvalid = "error",
         format: Format = "auto",
         system_message: SystemMessage = "auto",
         split_special_tokens: bool = False,
@@ -166,8 +167,20 @@ class ChatMLDataModule(LightningDataModule):
         self.splits: dict[str, TokenizedSplit] = {}
         self._reported: set[str] = set()  # splits whose summary is printed
         self._packed_rows: dict[str, list[list[int]]] = {}
-        self._resume_at: Optional[tuple[int, int]] = None  # (epoch, micro-batches done) from a checkpoint
+        self._train_loader: Optional[ResumableLoader] = None
+        self._position: Optional[dict[str, Any]] = None  # the training position of a checkpoint being resumed
         self.predict_dataset: Optional[PromptDataset] = None
+
+    def connect(self, tokenizer) -> None:
+        """Render with ``tokenizer`` (the model's, loaded once by the CLI) instead of loading ``tokenizer_path``."""
+        self.tokenizer = tokenizer
+
+    def _load_tokenizer(self) -> None:
+        if self.tokenizer is not None:
+            return
+        if self.hparams.tokenizer_path is None:
+            raise DataError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
+        self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.trust_remote_code)
 
     def _split_names(self, stage: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(required, optional) tokenised splits of a stage."""
@@ -182,7 +195,7 @@ class ChatMLDataModule(LightningDataModule):
             workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
         return tokenize_split(
             self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
-            skip_invalid=h.on_invalid == "skip", fmt=h.format, system_message=h.system_message,
+            on_invalid=h.on_invalid, format=h.format, system_message=h.system_message,
             split_special_tokens=h.split_special_tokens,
         )
 
@@ -190,16 +203,14 @@ class ChatMLDataModule(LightningDataModule):
         # One process per node tokenises into the cache; setup() on every rank then reads it from there.
         if self.hparams.cache_dir is None or self.trainer is None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.trust_remote_code)
+        self._load_tokenizer()
         for name in sum(self._split_names(self.trainer.state.fn.value), ()):
             if self.hparams[f"{name}_path"] is not None and name not in self.splits:
                 # Kept, so that setup() on this rank neither reads it back nor calls a fresh split "cached".
                 self.splits[name] = self._tokenize(name)
 
     def setup(self, stage: str) -> None:
-        if self.hparams.tokenizer_path is None:
-            raise DataError("data.tokenizer_path is not set (the CLI links it from model.model_name_or_path)")
-        self.tokenizer = load_tokenizer(self.hparams.tokenizer_path, self.hparams.trust_remote_code)
+        self._load_tokenizer()
         required, optional = self._split_names(stage)
         for name in required + optional:
             if self.hparams[f"{name}_path"] is None:
@@ -211,7 +222,7 @@ class ChatMLDataModule(LightningDataModule):
             if name not in self._reported:
                 self._reported.add(name)
                 rank_zero_info(self.splits[name].summary(name))
-                rank_zero_info(self._batching_summary(name))
+                rank_zero_info(f"{name} batching: {self.batching(name)}")
         if stage == "predict":
             if self.hparams.predict_path is None:
                 raise DataError("data.predict_path is required for predict")
@@ -219,6 +230,12 @@ class ChatMLDataModule(LightningDataModule):
             self.predict_dataset = PromptDataset(
                 h.predict_path, self.tokenizer, h.format, h.system_message, h.split_special_tokens
             )
+
+    def predict_records(self) -> list[Record]:
+        """The prediction inputs as read (after :meth:`setup` for predict), in file order."""
+        if self.predict_dataset is None:
+            raise RuntimeError("predict_records() before setup('predict')")
+        return self.predict_dataset.records
 
     def _rows(self, name: str) -> list[list[int]]:
         """Packed rows of a split, built once (deterministic, so every rank and a resumed run agree)."""
@@ -249,44 +266,49 @@ class ChatMLDataModule(LightningDataModule):
             max_tokens=None if plain else h.max_tokens_per_batch,
         )
 
-    def _batching_summary(self, name: str) -> str:
-        """How much of each micro-batch is padding, as configured and as a plain padded batching would be."""
+    def batching(self, name: str) -> Batching:
+        """How a tokenised split is batched, and how much of each micro-batch is padding (as configured, and as a
+        plain padded batching would be)."""
         h, training = self.hparams, name == "train"
         configured = _padding_fraction(self._plan(name, training, single_process=True))
         if not (h.packing or h.group_by_length or h.max_tokens_per_batch):
-            return f"{name} batching: padding {configured:.1%} of the batch tokens"
+            return Batching("", configured, None)
         plain = _padding_fraction(self._plan(name, training, single_process=True, plain=True))
         how = (
             f"packed {len(self.splits[name])} conversations into {len(self._rows(name))} rows of <= {h.max_length} tokens"
             if h.packing else "grouped by length"
         )
-        return f"{name} batching: {how}; padding {configured:.1%} of the batch tokens ({plain:.1%} without)"
+        return Batching(how, configured, plain)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in its data, saved in every checkpoint: the epoch, the micro-batches of it already
-        trained, and the RNG states. With the plan a pure function of (data, seed, epoch), that is all a resumed
-        run needs to continue exactly where this one stopped, neither replaying nor skipping a conversation."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "micro_batches_done": done, "rng": rng_states()}
+        """The training loader's position and RNG states (:class:`~sft_lightning.sampling.ResumableLoader`).
+
+        Kept here rather than only in the loader's own state: Lightning 2.6.6 restores loader states with the
+        loops, after ``configure_optimizers`` (through ``trainer.estimated_stepping_batches``) has already built
+        the loader and drawn its iterator; a data module's state is restored before that.
+        """
+        return self._train_loader.state_dict() if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores this before it builds the train loader, so the sampler is created already resumed.
-        if state_dict:
-            self._resume_at = (state_dict["epoch"], state_dict["micro_batches_done"])
-            set_rng_states(state_dict["rng"])
+        self._position = state_dict or None
 
-    def _loader(self, name: str, training: bool) -> DataLoader:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called once for every micro-batch as training takes it (and for evaluation batches, not counted).
+        if self.trainer.training and self._train_loader is not None:
+            self._train_loader.count_trained()
+        return batch
+
+    def _loader(self, name: str, training: bool) -> ResumableLoader | DataLoader:
         rows = self._rows(name) if self.hparams.packing else None
-        return DataLoader(
-            MicroBatchDataset(self.splits[name], self.tokenizer.pad_token_id, rows),
-            sampler=StepPlanSampler(self._plan(name, training), self._resume_at if training else None),
-            batch_size=None,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+        dataset = MicroBatchDataset(self.splits[name], self.tokenizer.pad_token_id, rows)
+        sampler = StepPlanSampler(self._plan(name, training))
+        if not training:
+            return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.hparams.num_workers,
+                              persistent_workers=self.hparams.num_workers > 0)
+        self._train_loader = ResumableLoader(dataset, sampler, self.hparams.num_workers)
+        if self._position is not None:  # from a checkpoint: continue where it stopped
+            self._train_loader.load_state_dict(self._position)
+        return self._train_loader
 
     @property
     def _eval_batch_size(self) -> int:

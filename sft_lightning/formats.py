@@ -31,18 +31,18 @@ def detect_format(row: Any) -> str | None:
     return None
 
 
-def to_chatml(row: Any, fmt: Format, location: str) -> Any:
+def to_chatml(row: Any, format: Format, location: str) -> Any:
     """``row`` as a ChatML row (other keys dropped), or unchanged when it is ChatML or not an object.
 
     Validation of roles and content happens afterwards, on the messages, for every format alike.
     """
-    kind = detect_format(row) if fmt == "auto" else fmt
+    kind = detect_format(row) if format == "auto" else format
     if kind == "sharegpt":
         tools = _sharegpt_tools(row.get("tools"), location) if isinstance(row, dict) else None
         return {"messages": _from_sharegpt(row, location), **({"tools": tools} if tools else {})}
     if kind == "alpaca":
         return {"messages": _from_alpaca(row, location)}
-    if fmt == "auto" and isinstance(row, dict) and kind is None:
+    if format == "auto" and isinstance(row, dict) and kind is None:
         keys = ", ".join(map(str, row)) or "none"
         raise DataError(
             f"{location}: no 'messages' key (keys: {keys}); nor ShareGPT 'conversations' or Alpaca 'instruction'/'output'"

@@ -47,13 +47,13 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
     return TokenStats(nll_sum, supervised.sum(), correct)
 
 
-def micro_batch_loss(nll_sum: torch.Tensor, step_supervised_tokens: torch.Tensor, framework_divisor: int) -> torch.Tensor:
+def micro_batch_loss(nll_sum: torch.Tensor, step_supervised_tokens: int, framework_divisor: int) -> torch.Tensor:
     """The value to backpropagate so that the optimizer step sees the token mean of its whole step.
 
     ``framework_divisor`` is what Lightning and the strategy divide the loss (or the gradients) by on the way to
     the optimizer (see ``sft_lightning.zero.loss_divisor``).
     """
-    return nll_sum * framework_divisor / step_supervised_tokens.clamp(min=1)
+    return nll_sum * framework_divisor / max(int(step_supervised_tokens), 1)
 
 
 class TokenMetrics(Metric):

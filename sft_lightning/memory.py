@@ -183,12 +183,18 @@ class ParameterCounts(NamedTuple):
     largest_module: int  # the most parameters one module holds itself, the unit ZeRO-3 gathers
 
 
+def decoder_layer_names(model) -> set[str]:
+    """Class names of the model's decoder layers: transformers' ``_no_split_modules`` (the blocks that
+    ``device_map`` never splits, which FSDP shards one by one), read here only."""
+    return set(model._no_split_modules or ())
+
+
 def count_parameters(config, lora=None) -> ParameterCounts:
     """Parameter counts of a model built from ``config`` on the meta device (trainable: all, or the adapters)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    layer_classes = set(model._no_split_modules or ())
+    layer_classes = decoder_layer_names(model)
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)

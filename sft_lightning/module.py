@@ -17,13 +17,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
 from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_model_inputs
 from sft_lightning.checkpointing import newest_checkpoint
+from sft_lightning.collate import PackedBatch, TrainingBatch
 from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
 from sft_lightning.loss import TokenMetrics, TokenStats, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import IGNORE_INDEX, load_tokenizer, stop_token_ids
 from sft_lightning.sharding import FSDP2Strategy
-from sft_lightning.throughput import FlopParameters, matmul_parameters
+from sft_lightning.throughput import FlopParameters, matmul_parameters, training_flops
 from sft_lightning.zero import (
     adamw, at_optimizer_step, deepspeed_config, end_zero3_loading, float32_rotary_buffers, is_zero3, logical_ndim,
     loss_divisor, skips_nonfinite_steps, zero3_loading,
@@ -123,16 +124,12 @@ class SFTLitModule(LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.hparams.lora = lora_dict(as_lora(lora))  # a plain dict, so checkpoints load with weights_only
-        if Path(model_name_or_path).expanduser().is_dir():
-            # Checkpoints are exported and resumed from other working directories.
-            self.hparams.model_name_or_path = str(Path(model_name_or_path).expanduser().resolve())
         self.model = None
         self.tokenizer = None
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
-        self.matmul_parameters = FlopParameters(0, 0)  # for the FLOPs in throughput logging
+        self._matmul_parameters = FlopParameters(0, 0)  # for flops()
         self._packing_checked = False
         self._keeps_logits = False
         self._scoring_head: Optional[ChunkedLMHead] = None  # the output layer, when it scores in chunks
@@ -149,11 +146,22 @@ class SFTLitModule(LightningModule):
         h = self.hparams
         return GenerationSettings(h.max_new_tokens, h.do_sample, h.temperature, h.top_p)
 
-    def configure_model(self, pretrained: bool = True) -> None:
+    def connect(self, tokenizer) -> None:
+        """Use ``tokenizer`` (loaded once from ``model_name_or_path`` by the CLI, shared with the data) instead of
+        loading one in :meth:`configure_model`."""
+        self.tokenizer = tokenizer
+
+    def configure_model(self) -> None:
+        self.build(pretrained=True)
+
+    def build(self, pretrained: bool) -> None:
+        """The tokenizer and the model, once; ``pretrained=False``: the architecture without reading its weights
+        (a checkpoint's are loaded next, :mod:`sft_lightning.checkpoint_loading`)."""
         if self.model is not None:
             return
         h = self.hparams
-        self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         lora = as_lora(h.lora)
         # Lightning 2.6.6: `self.trainer` raises when no trainer is attached (export and chat call this directly);
@@ -165,7 +173,7 @@ class SFTLitModule(LightningModule):
             model = self._sharded_model()
         else:
             model = self._build(pretrained)
-        self.matmul_parameters = matmul_parameters(model)
+        self._matmul_parameters = matmul_parameters(model)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if lora is not None:
@@ -229,15 +237,22 @@ class SFTLitModule(LightningModule):
         if self._deepspeed is not None:  # built under zero.Init, whose context has ended by now
             float32_rotary_buffers(self.model)
 
-    def _token_stats(self, batch):
+    def flops(self, sample_lengths: torch.Tensor, head_positions: torch.Tensor) -> torch.Tensor:
+        """FLOPs of a forward and backward over samples of these lengths, the LM head run at ``head_positions``
+        positions (for MFU; see :func:`sft_lightning.throughput.training_flops`)."""
+        return training_flops(self.model.config, self._matmul_parameters, sample_lengths, head_positions)
+
+    def score(self, batch: TrainingBatch) -> TokenStats:
+        """NLL sum, supervised-token count and correct predictions of a training batch (the loss and metrics'
+        one source, in training, validation and test)."""
         if not self._first_forward_done:
             self._before_first_forward()
-        if "position_ids" in batch:
+        if isinstance(batch, PackedBatch):
             if self.hparams.packing_check and not self._packing_checked:
-                self._check_packing(batch["input_ids"])
+                self._check_packing(batch.input_ids)
             inputs, labels = packed_model_inputs(batch, self.model.config._attn_implementation)
         else:
-            inputs, labels = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+            inputs, labels = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, batch.labels
         positions = predicting_positions(labels)
         if self._keeps_logits:
             inputs["logits_to_keep"] = positions
@@ -254,8 +269,8 @@ class SFTLitModule(LightningModule):
         return token_stats(logits, labels[:, positions + 1])
 
     def training_step(self, batch, batch_idx):
-        stats = self._token_stats(batch)
-        step_tokens = batch["step_supervised_tokens"]
+        stats = self.score(batch)
+        step_tokens = batch.step_supervised_tokens
         self._step_loss = self._step_loss.to(stats.nll_sum.device) + stats.nll_sum.detach() / step_tokens
         divisor = loss_divisor(self._deepspeed, self.trainer.accumulate_grad_batches, self.trainer.world_size)
         return micro_batch_loss(stats.nll_sum, step_tokens, divisor)
@@ -296,6 +311,13 @@ class SFTLitModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_steps"] = self._nonfinite_steps
+        # The arguments as a checkpoint needs them: loadable with weights_only (LoRA as a plain dict), and a local
+        # model folder as an absolute path (checkpoints are exported and resumed from other working directories).
+        h = self.hparams
+        portable = {"lora": lora_dict(as_lora(h.lora))}
+        if Path(h.model_name_or_path).expanduser().is_dir():
+            portable["model_name_or_path"] = str(Path(h.model_name_or_path).expanduser().resolve())
+        checkpoint.setdefault("hyper_parameters", {}).update(portable)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
@@ -317,10 +339,10 @@ class SFTLitModule(LightningModule):
         return flag.item() == 0
 
     def validation_step(self, batch, batch_idx):
-        self.val_metrics.update(self._token_stats(batch))
+        self.val_metrics.update(self.score(batch))
 
     def test_step(self, batch, batch_idx):
-        self.test_metrics.update(self._token_stats(batch))
+        self.test_metrics.update(self.score(batch))
 
     def _log_metrics(self, prefix: str, metrics: TokenMetrics) -> None:
         values = metrics.compute()
@@ -337,10 +359,9 @@ class SFTLitModule(LightningModule):
         if not self._first_forward_done:
             self._before_first_forward()
         replies = generate_replies(
-            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.generation_settings,
-            self.stop_ids,
+            self.model, self.tokenizer, batch.input_ids, batch.attention_mask, self.generation_settings, self.stop_ids,
         )
-        return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch["index"], replies)]
+        return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch.index, replies)]
 
     def configure_optimizers(self):
         h = self.hparams

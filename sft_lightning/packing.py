@@ -9,9 +9,11 @@ end. The first label of every sample is masked, so no token is ever trained to p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
+from sft_lightning.collate import PackedBatch
 from sft_lightning.render import IGNORE_INDEX
 
 
@@ -43,15 +45,15 @@ def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list
 
 
 def collate_packed(
-    rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
+    rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_token_id: int,
+    step_supervised_tokens: Optional[int] = None,
+) -> PackedBatch:
     """``(input_ids, labels)`` samples grouped in rows to ``input_ids``, ``position_ids``, ``labels`` tensors.
 
     Rows are right-padded to the longest row; the padding is a separate pseudo-sample (its positions restart
     at 0 too) whose labels are ignored, so no real token attends to it. ``cu_seq_lens`` holds the boundaries of
     every sample and padding over the rows laid end to end (for variable-length attention), ``max_seq_len`` the
-longest of them; ``sample_lengths``
-    lists every real sample's length, for throughput accounting.
+    longest of them; ``sample_lengths`` lists every real sample's length, for throughput accounting.
     """
     longest = max(sum(len(ids) for ids, _ in row) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
@@ -71,14 +73,9 @@ longest of them; ``sample_lengths``
         if start < longest:
             position_ids[r, start:] = torch.arange(longest - start)
             bounds.append((r + 1) * longest)
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "labels": labels,
-        "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
-        # A plain int, computed here once: variable-length kernels need it, and reading it off a GPU tensor in
-        # every layer would stop the GPU each time.
-        "max_seq_len": max(end - start for start, end in zip(bounds, bounds[1:])),
-        "sample_lengths": torch.tensor(sample_lengths),
-    }
+    return PackedBatch(
+        input_ids, position_ids, labels, cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
+        max_seq_len=max(end - start for start, end in zip(bounds, bounds[1:])),
+        sample_lengths=torch.tensor(sample_lengths), step_supervised_tokens=step_supervised_tokens,
+    )
 

@@ -11,10 +11,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format, to_chatml
+
+# What a reader does with an invalid conversation: stop with its file and line, or leave it out and count it.
+OnInvalid = Literal["error", "skip"]
 
 ROLES = ("system", "user", "assistant", "tool")
 # Fields kept besides role and content, by role: what chat templates render.
@@ -38,12 +41,12 @@ def require_file(path: str) -> Path:
 
 
 def read_records(
-    path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None, fmt: Format = "auto"
+    path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None, format: Format = "auto"
 ) -> list[Record]:
     """Read and validate every conversation in ``path``.
 
     Args:
-        path: a JSON array of objects or a JSONL file, each object holding ``messages`` (or, per ``fmt``, a
+        path: a JSON array of objects or a JSONL file, each object holding ``messages`` (or, per ``format``, a
             ShareGPT or Alpaca row, converted by :mod:`sft_lightning.formats`).
         require_assistant: training data needs an assistant turn; prediction inputs may end with the user.
         skipped: None: the first invalid conversation raises. A Counter: invalid conversations (and unparsable
@@ -60,7 +63,7 @@ def read_records(
     records = []
     for location, row in _parse_rows(path, text, skipped):
         try:
-            row = to_chatml(row, fmt, location)
+            row = to_chatml(row, format, location)
             records.append(Record(location, validate_messages(row, location, require_assistant), validate_tools(row, location)))
         except DataError as err:
             if skipped is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from os.path import commonprefix
 from typing import Literal, NamedTuple
 
@@ -56,12 +56,11 @@ class RenderedSample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-@lru_cache(maxsize=8)
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer through ``from_pretrained`` and make it ready for chat rendering.
+    """Load a tokenizer through ``from_pretrained`` and make it ready for chat rendering: a template-less one gets
+    the ChatML template and its two special tokens, one without a pad token pads with its EOS.
 
-    Cached so the data module and the model share one object (and one ChatML fallback) per process.
-    """
+    The CLI loads it once and hands the same object to the model and the data (their ``connect``)."""
     with loading(path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:

@@ -9,14 +9,15 @@ batch 2 x accumulation 4 and 2 ranks x batch 4 give the same update.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 # group_by_length sorts windows of this many global batches.
 LENGTH_GROUP_WINDOW = 50
@@ -46,7 +47,6 @@ class StepPlan:
     rank: int = 0
     shuffle: bool = True
     seed: int = 0
-    drop_last: bool = False
     lengths: tuple[int, ...] = ()  # tokens per unit; needed to group by length
     group_by_length: bool = False
     max_tokens: Optional[int] = None  # padded tokens per micro-batch instead of a fixed ``batch_size``
@@ -55,8 +55,6 @@ class StepPlan:
         """This rank's micro-batches for one epoch, in order."""
         generator = torch.Generator().manual_seed(self.seed + epoch)
         global_batches = self._global_batches(generator)
-        if self.drop_last and global_batches and len(global_batches[-1]) < self.batch_size * self.num_replicas:
-            global_batches.pop()
         plan = []
         for start in range(0, len(global_batches), self.accumulate_grad_batches):
             step = global_batches[start : start + self.accumulate_grad_batches]
@@ -110,7 +108,7 @@ class StepPlan:
         if self.max_tokens is not None:
             return len(self._token_budget_batches)
         full, rest = divmod(len(self.supervised_tokens), self.batch_size * self.num_replicas)
-        return full + (rest > 0 and not self.drop_last)
+        return full + (rest > 0)
 
 
 class StepPlanSampler(DistributedSampler):
@@ -121,14 +119,21 @@ class StepPlanSampler(DistributedSampler):
     ``set_epoch`` on it, which reshuffles.
     """
 
-    def __init__(self, plan: StepPlan, resume_at: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, plan: StepPlan) -> None:
         super().__init__(plan.supervised_tokens, plan.num_replicas, plan.rank, plan.shuffle, plan.seed)
         self.plan = plan
-        # (epoch, micro-batches already trained): a resumed run continues that epoch where the checkpoint left it.
-        # Lightning draws the first iterator before it calls set_epoch, so the epoch is set here already.
-        self.resume_at = resume_at
-        if resume_at is not None:
-            self.epoch = resume_at[0]
+        self.resume_at: Optional[tuple[int, int]] = None
+
+    def resume(self, epoch: int, micro_batches_done: int) -> None:
+        """Continue ``epoch`` after its first ``micro_batches_done`` micro-batches (they were trained before a
+        checkpoint). Lightning draws the first iterator before it calls set_epoch, so the epoch is set here."""
+        self.resume_at = (epoch, micro_batches_done)
+        self.epoch = epoch
+
+    @property
+    def skipped(self) -> int:
+        """Micro-batches of the current epoch that its iterator leaves out (trained before a resume)."""
+        return self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -136,10 +141,60 @@ class StepPlanSampler(DistributedSampler):
             self.resume_at = None
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        plan = self.plan.epoch(self.epoch)
-        if self.resume_at is not None and self.resume_at[0] == self.epoch:
-            plan = plan[self.resume_at[1] :]
-        return iter(plan)
+        return iter(self.plan.epoch(self.epoch)[self.skipped :])
 
     def __len__(self) -> int:
         return len(self.plan)
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with the state a resumed run needs: the epoch, the micro-batches of it trained, and
+    the RNG states (dropout continues as it would have).
+
+    The state goes into every checkpoint through the data module's ``state_dict`` (see
+    :meth:`ChatMLDataModule.state_dict` for why there), and having it makes the loader stateful to Lightning, which
+    then knows a mid-epoch resume is exact. Trained micro-batches are counted by :meth:`count_trained` as training
+    takes each one, not as the loader yields them: Lightning fetches one batch ahead.
+    """
+
+    def __init__(self, dataset, sampler: StepPlanSampler, num_workers: int = 0) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0)
+        self.trained = 0  # micro-batches of the sampler's current epoch handed to training
+
+    def __iter__(self):
+        self.trained = self.sampler.skipped
+        return super().__iter__()
+
+    def count_trained(self) -> None:
+        self.trained += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "micro_batches_done": self.trained, "rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampler.resume(state_dict["epoch"], state_dict["micro_batches_done"])
+        set_rng_states(state_dict["rng"])
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

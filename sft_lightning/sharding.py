@@ -24,6 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
 from sft_lightning.errors import ConfigError
+from sft_lightning.memory import decoder_layer_names
 
 # Lightning precision -> the dtype FSDP2 gathers parameters in for compute (None: as stored).
 PARAM_DTYPES = {"bf16-mixed": torch.bfloat16}
@@ -57,6 +58,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         self.layer_classes = layer_classes
         self.reshard_after_forward = reshard_after_forward
+        self.save_distributed_checkpoint = save_distributed_checkpoint
 
     def setup_environment(self) -> None:
         # Lightning 2.6.6 reads the mesh's data-parallel size from this private attribute, where "auto" means the
@@ -89,12 +91,12 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def shard(self, model: PreTrainedModel) -> None:
         """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head)."""
-        classes = set(self.layer_classes or model._no_split_modules or ())
+        classes = set(self.layer_classes or decoder_layer_names(model))
         layers = [m for m in model.modules() if {type(m).__name__, f"{type(m).__module__}.{type(m).__name__}"} & classes]
         if not layers:
             raise ConfigError(
                 f"FSDP2Strategy.layer_classes {sorted(classes)} match no module of {type(model).__name__} "
-                f"(its decoder layers: {model._no_split_modules})"
+                f"(its decoder layers: {sorted(decoder_layer_names(model))})"
             )
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(
@@ -107,7 +109,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Every rank writes its shards into a hidden folder beside ``filepath``, which then replaces it: a run
         killed mid-write leaves the previous checkpoint whole."""
-        if not self._save_distributed_checkpoint:
+        if not self.save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(filepath))
         partial = path.with_name(f".{path.name}.partial")

@@ -75,7 +75,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class ThroughputLogger(Callback):
     def __init__(self, every_n_steps: Optional[int] = None, peak_tflops: Optional[float] = None) -> None:
-        """Log ``throughput/*`` and ``memory/peak_gb`` every ``every_n_steps`` optimizer steps.
+        """Log ``throughput/*`` and ``memory/peak_gb`` every ``every_n_steps`` optimizer steps, from the training
+        batches (:class:`~sft_lightning.collate.PaddedBatch` or ``PackedBatch``) and the module's
+        ``flops(sample_lengths, head_positions)``.
 
         Args:
             every_n_steps: optimizer steps between logs (default: ``trainer.log_every_n_steps``).
@@ -101,15 +103,15 @@ class ThroughputLogger(Callback):
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        lengths = batch["sample_lengths"]
+        lengths = batch.sample_lengths
         # Each supervised label is predicted at the position before it: where the LM head has to run.
-        supervised = (batch["labels"] != IGNORE_INDEX).sum()
+        supervised = (batch.labels != IGNORE_INDEX).sum()
         counts = torch.stack([
             torch.tensor(len(lengths), dtype=torch.float64, device=lengths.device),
             lengths.sum().double(),
             supervised.double(),
-            torch.tensor(batch["input_ids"].numel(), dtype=torch.float64, device=lengths.device),
-            training_flops(pl_module.model.config, pl_module.matmul_parameters, lengths, supervised),
+            torch.tensor(batch.input_ids.numel(), dtype=torch.float64, device=lengths.device),
+            pl_module.flops(lengths, supervised),
         ])
         # Summed where the batch lives: no host round trip per micro-batch, only when logging.
         self._counts = self._counts.to(counts.device) + counts

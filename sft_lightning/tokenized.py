@@ -29,7 +29,7 @@ from rich.progress import Progress
 from sft_lightning import formats, records, render
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
-from sft_lightning.records import Record, read_records, require_file
+from sft_lightning.records import OnInvalid, Record, read_records, require_file
 from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn, has_system_role, training_samples
 
 ARRAYS = ("input_ids", "labels", "offsets")
@@ -120,18 +120,18 @@ def tokenize_split(
     train_on: TrainOn,
     cache_dir: Optional[str] = None,
     workers: Optional[int] = None,
-    skip_invalid: bool = False,
-    fmt: Format = "auto",
+    on_invalid: OnInvalid = "error",
+    format: Format = "auto",
     system_message: SystemMessage = "auto",
     split_special_tokens: bool = False,
 ) -> TokenizedSplit:
     """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
 
     ``workers``: processes that render in parallel (None: one per CPU for files of at least
-    ``PARALLEL_THRESHOLD`` conversations, else none). ``skip_invalid``: leave out conversations that fail
+    ``PARALLEL_THRESHOLD`` conversations, else none). ``on_invalid="skip"``: leave out conversations that fail
     validation or rendering, counted by reason in ``dropped``, instead of stopping at the first.
     """
-    settings = RenderSettings(max_length, train_on, skip_invalid, fmt, system_message, split_special_tokens)
+    settings = RenderSettings(max_length, train_on, on_invalid, format, system_message, split_special_tokens)
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir).expanduser() / cache_key(path, tokenizer, settings)
@@ -150,8 +150,8 @@ class RenderSettings(NamedTuple):
 
     max_length: int
     train_on: TrainOn
-    skip_invalid: bool = False
-    fmt: Format = "auto"
+    on_invalid: OnInvalid = "error"
+    format: Format = "auto"
     system_message: SystemMessage = "auto"
     split_special_tokens: bool = False
 
@@ -177,8 +177,8 @@ def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
 
 
 def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[int]) -> TokenizedSplit:
-    skipped = Counter() if settings.skip_invalid else None
-    conversations = read_records(path, skipped=skipped, fmt=settings.fmt)
+    skipped = Counter() if settings.on_invalid == "skip" else None
+    conversations = read_records(path, skipped=skipped, format=settings.format)
     if workers is None:
         workers = (os.cpu_count() or 1) if len(conversations) >= PARALLEL_THRESHOLD else 0
     chunks = [conversations[i : i + CHUNK] for i in range(0, len(conversations), CHUNK)]
@@ -243,7 +243,7 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
             samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length,
                                        record.tools, settings.system_message, settings.split_special_tokens)
         except TemplateError as err:
-            if not settings.skip_invalid:
+            if settings.on_invalid == "error":
                 raise DataError(f"{record.location}: {err}") from None
             dropped[str(err)] += 1
             continue

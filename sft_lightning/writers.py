@@ -5,22 +5,29 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sft_lightning.metrics import Tokenize, generation_metrics
+from sft_lightning.records import Record
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    def __init__(self, output_path: str, metrics_tokenize: Tokenize = "auto") -> None:
+    def __init__(
+        self, output_path: str, records: Callable[[], Sequence[Record]], metrics_tokenize: Tokenize = "auto"
+    ) -> None:
         """Args:
         output_path: JSONL file (UTF-8, any script as itself); each line holds the input ``messages`` and the
             generated ``prediction``.
+        records: the prediction inputs, in order (asked for when writing: they are read in the data's setup);
+            each prediction carries its record's index.
         metrics_tokenize: tokenisation for BLEU and ROUGE-L (see :func:`~sft_lightning.metrics.choose_tokenize`).
         """
         super().__init__(write_interval="epoch")
         self.output_path = Path(output_path)
+        self.records = records
         self.metrics_tokenize = metrics_tokenize
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
@@ -32,7 +39,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         by_index = {row["index"]: row["prediction"] for row in rows}  # a distributed sampler may repeat rows
-        records = trainer.datamodule.predict_dataset.records
+        records = self.records()
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.output_path.with_name(self.output_path.name + ".partial")
         with partial.open("w", encoding="utf-8") as out:

@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import Strategy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-from sft_lightning.cli import SFTLightningCLI
+from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.memory import model_config
 from sft_lightning.module import SFTLitModule

@@ -8,7 +8,7 @@ import pytest
 
 from sft_lightning.cli import cli_main
 from sft_lightning.data import create_chatml_sample, save_chatml_data
-from sft_lightning.errors import CheckFailed, DataError
+from sft_lightning.errors import DataError
 from sft_lightning.records import read_records
 from sft_lightning.render import load_tokenizer
 from sft_lightning.tokenized import tokenize_split
@@ -77,7 +77,7 @@ def test_bad_sharegpt_row_names_the_line(tmp_path):
     source = tmp_path / "sharegpt.jsonl"
     source.write_text(json.dumps(SHAREGPT[0]) + "\n" + json.dumps({"conversations": [{"from": "robot", "value": "x"}]}))
     with pytest.raises(DataError, match=r"sharegpt.jsonl: line 2: turn 1: unknown ShareGPT speaker 'robot'"):
-        read_records(source, fmt="sharegpt")
+        read_records(source, format="sharegpt")
 
 
 def test_the_data_module_reads_other_formats_directly(tmp_path):

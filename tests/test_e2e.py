@@ -9,7 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from sft_lightning.cli import SFTLightningCLI, cli_main
+from sft_lightning.cli import cli_main
+from sft_lightning.lightning_cli import SFTLightningCLI
 from tests.conftest import ROOT
 from tests.test_learning import chat_through_pipe
 

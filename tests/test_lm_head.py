@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sft_lightning.collate import collate_training
 from sft_lightning.lm_head import ChunkedCrossEntropy, ChunkedLMHead, install_chunked_head
 from sft_lightning.module import SFTLitModule
 from tests.conftest import TINY_LLAMA, TINY_QWEN
@@ -41,20 +42,19 @@ def test_chunked_training_gradients_equal_unchunked(tmp_path, model, packing):
 
 
 def test_chunked_evaluation_metrics_equal_unchunked():
-    batch_of = {}
+    batch_of = None
     stats = {}
     for chunk in (None, 3):
         module = SFTLitModule(TINY_QWEN, lm_head_chunk_tokens=chunk)
         module.configure_model()
         assert isinstance(module.model.get_output_embeddings(), ChunkedLMHead) == (chunk is not None)
-        if not batch_of:
+        if batch_of is None:
             ids = module.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}])["input_ids"]
             labels = [-100] * (len(ids) - 4) + ids[-4:]
-            batch_of = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-                        "labels": torch.tensor([labels])}
+            batch_of = collate_training([ids], [labels], module.tokenizer.pad_token_id)
         with torch.no_grad():
-            stats[chunk] = module._token_stats(batch_of)
+            stats[chunk] = module.score(batch_of)
     torch.testing.assert_close(stats[3].nll_sum, stats[None].nll_sum, rtol=1e-6, atol=0)
     assert stats[3].supervised_tokens == stats[None].supervised_tokens and stats[3].correct == stats[None].correct
     # Outside scoring the head is the plain layer: generation, chat and export see logits.

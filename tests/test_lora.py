@@ -80,7 +80,10 @@ def test_qlora_checkpoint_exports_adapters_over_a_full_precision_base(tmp_path):
     state = {name: tensor for name, tensor in module.state_dict().items()}
     state["model.base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"] = torch.zeros(1, dtype=torch.uint8)
     path = tmp_path / "qlora.ckpt"
-    torch.save({"hyper_parameters": {**dict(module.hparams), "quantization": "4bit"}, "state_dict": state}, path)
+    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": state}
+    module.on_save_checkpoint(checkpoint)  # as Lightning's save does: the hyper-parameters made loadable
+    checkpoint["hyper_parameters"]["quantization"] = "4bit"
+    torch.save(checkpoint, path)
     cli_main(["export", f"--ckpt_path={path}", f"--output_dir={tmp_path / 'hf'}"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     expected = module.model.merge_and_unload()

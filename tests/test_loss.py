@@ -101,17 +101,19 @@ def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):
     # micro-batches hold different numbers of supervised tokens.
     import sft_lightning.module as module_py
 
-    def mean_of_means(nll_sum, step_tokens, divisor):
-        return nll_sum / nll_sum.new_tensor(module_py._last_count)
+    last_count = []  # the micro-batch's own token count, kept here rather than on the package
 
-    original = module_py.SFTLitModule._token_stats
+    def mean_of_means(nll_sum, step_tokens, divisor):
+        return nll_sum / nll_sum.new_tensor(last_count[-1])
+
+    original = module_py.SFTLitModule.score
 
     def remember_count(self, batch):
         stats = original(self, batch)
-        module_py._last_count = stats.supervised_tokens.item()
+        last_count.append(stats.supervised_tokens.item())
         return stats
 
-    monkeypatch.setattr(module_py.SFTLitModule, "_token_stats", remember_count)
+    monkeypatch.setattr(module_py.SFTLitModule, "score", remember_count)
     monkeypatch.setattr(module_py, "micro_batch_loss", mean_of_means)
     with pytest.raises(AssertionError):
         assert_same_gradients(train_gradients(tmp_path, batch_size=2, accumulate=4), reference)

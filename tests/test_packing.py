@@ -30,13 +30,13 @@ def test_collate_packed_tensors():
     # The second sample's first label is a real token on purpose: packing must mask it all the same.
     rows = [[([5, 6, 7, 8], [X, 6, 7, 8]), ([9, 10, 11], [10, 10, 11])], [([12, 13], [X, 13])]]
     batch = collate_packed(rows, pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11], [12, 13, 0, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4]]
-    assert batch["labels"].tolist() == [[X, 6, 7, 8, X, 10, 11], [X, 13, X, X, X, X, X]]
-    assert batch["cu_seq_lens"].tolist() == [0, 4, 7, 9, 14]  # rows end to end; row 2's padding is a segment
-    assert batch["max_seq_len"] == 5  # a plain int, computed once for every layer's kernel
-    assert batch["sample_lengths"].tolist() == [4, 3, 2]
-    assert "attention_mask" not in batch
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11], [12, 13, 0, 0, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4]]
+    assert batch.labels.tolist() == [[X, 6, 7, 8, X, 10, 11], [X, 13, X, X, X, X, X]]
+    assert batch.cu_seq_lens.tolist() == [0, 4, 7, 9, 14]  # rows end to end; row 2's padding is a segment
+    assert batch.max_seq_len == 5  # a plain int, computed once for every layer's kernel
+    assert batch.sample_lengths.tolist() == [4, 3, 2]
+    assert not hasattr(batch, "attention_mask")  # packed rows have no padding mask: positions separate them
 
 
 def chat_samples(model_dir, count=6):
@@ -54,7 +54,7 @@ def test_packed_logits_and_losses_equal_one_by_one(model_dir, attn):
     rows = [samples[:3], samples[3:]]
     batch = collate_packed(rows, pad_token_id=0)
     inputs, labels = packed_model_inputs(batch, attn)
-    row_length = batch["input_ids"].shape[1]
+    row_length = batch.input_ids.shape[1]
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
         labels = labels.reshape(-1)

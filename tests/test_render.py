@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -98,10 +97,10 @@ def test_pad_equal_to_eos_keeps_the_real_end_of_turn_trained():
     short = one_sample(SINGLE, tokenizer)
     batch = collate_training([long.input_ids, short.input_ids], [long.labels, short.labels], tokenizer.pad_token_id)
     eot = tokenizer.convert_tokens_to_ids(E)
-    assert names(tokenizer, batch["labels"][1].tolist()) == [None] * 9 + ["hello", E] + [None] * 23
-    assert batch["input_ids"][1, 12:].eq(eot).all()  # padded with the eos id ...
-    assert batch["attention_mask"][1].tolist() == [1] * 12 + [0] * 22  # ... but masked by position
-    assert (batch["labels"] == eot).sum() == 3  # every real end-of-turn is still a label
+    assert names(tokenizer, batch.labels[1].tolist()) == [None] * 9 + ["hello", E] + [None] * 23
+    assert batch.input_ids[1, 12:].eq(eot).all()  # padded with the eos id ...
+    assert batch.attention_mask[1].tolist() == [1] * 12 + [0] * 22  # ... but masked by position
+    assert (batch.labels == eot).sum() == 3  # every real end-of-turn is still a label
 
 
 def test_template_without_generation_prompt_is_refused():
@@ -130,7 +129,6 @@ def test_template_that_injects_text_into_the_answer_is_refused():
 
 def test_tokenizer_without_template_falls_back_to_chatml(tmp_path):
     word_tokenizer(["<unk>", "</s>"], None, eos_token="</s>").save_pretrained(tmp_path)
-    load_tokenizer.cache_clear()
     tokenizer = load_tokenizer(str(tmp_path))
     assert tokenizer.chat_template == CHATML_TEMPLATE
     _, labels, _ = render(tokenizer, SINGLE)
@@ -345,7 +343,7 @@ def test_the_setup_summary_counts_merged_system_messages(tmp_path):
     path.write_text("\n".join(json.dumps({"messages": m}) for m in (MULTI, MULTI[1:], MULTI)) + "\n")
     split = tokenize_split(str(path), tokenizer, 64, "assistant")
     assert split.merged_system == 2 and "(2 system messages merged into the first user turn" in split.summary("train")
-    skipped = tokenize_split(str(path), tokenizer, 64, "assistant", skip_invalid=True, system_message="error")
+    skipped = tokenize_split(str(path), tokenizer, 64, "assistant", on_invalid="skip", system_message="error")
     assert skipped.merged_system == 0 and len(skipped) == 1  # refused, not merged
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sft_lightning.checkpointing import AtomicCheckpointIO, newest_checkpoint
-from sft_lightning.cli import SFTLightningCLI
+from sft_lightning.lightning_cli import SFTLightningCLI
 from tests.conftest import ROOT, final_weights
 from tests.conftest import tiny_fit as fit
 

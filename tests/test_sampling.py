@@ -43,7 +43,6 @@ def test_sampler_len_and_epoch_reshuffle():
     first = [m.indices for m in sampler]
     sampler.set_epoch(1)
     assert [m.indices for m in sampler] != first
-    assert len(StepPlanSampler(StepPlan(TOKENS, batch_size=4, drop_last=True))) == 2
 
 
 LENGTHS = tuple((i * 53) % 97 + 3 for i in range(200))

@@ -9,8 +9,8 @@ import yaml
 
 from sft_lightning.adapters import LoRA
 from sft_lightning.cli import cli_main
-from sft_lightning.export import load_checkpoint_module
-from sft_lightning.memory import GB, SHARDINGS, count_parameters, model_config, plan_memory, plan_of_config, sharding_of
+from sft_lightning.checkpoint_loading import load_trained_module
+from sft_lightning.memory import SHARDINGS, count_parameters, model_config, plan_memory, plan_of_config, sharding_of
 from sft_lightning.module import SFTLitModule
 from tests.conftest import ROOT, TINY_QWEN
 
@@ -89,7 +89,7 @@ def test_fsdp_sharded_checkpoint_exports_to_one_folder(tmp_path):
     folder = tmp_path / "step100.ckpt"
     dcp.save({"state_dict": module.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}}, checkpoint_id=folder)
     torch.save({"hyper_parameters": dict(module.hparams), "global_step": 100}, folder / "meta.pt")
-    restored = load_checkpoint_module(folder)
+    restored = load_trained_module(folder)
     for name, tensor in module.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0)
     cli_main(["export", f"--ckpt_path={folder}", f"--output_dir={tmp_path / 'hf'}"])

@@ -58,9 +58,10 @@ def test_a_folder_that_is_not_a_model_and_a_missing_local_path(tmp_path, capsys,
     (run / "lightning_logs" / "version_0" / "hf_model" / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     err = one_line_error(capsys, ["chat", "--model_path", "outputs/sft_model"])
-    assert err == (f"sft-lightning: error: {run}: not a Hugging Face tokenizer folder (it has no tokenizer.json or "
-                   f"tokenizer_config.json or tokenizer.model or vocab.json); the newest exported model under it is "
-                   f"{run / 'lightning_logs' / 'version_0' / 'hf_model'}")
+    # Paths as the user gave them (relative to where the command runs).
+    assert err == ("sft-lightning: error: outputs/sft_model: not a Hugging Face tokenizer folder (it has no "
+                   "tokenizer.json or tokenizer_config.json or tokenizer.model or vocab.json); the newest exported "
+                   "model under it is outputs/sft_model/lightning_logs/version_0/hf_model")
     # A path under an existing folder is never looked up on the hub.
     assert one_line_error(capsys, ["chat", "--model_path", "outputs/nothere"]) == (
         "sft-lightning: error: outputs/nothere: no such tokenizer folder")

@@ -57,7 +57,7 @@ def test_cache_key_follows_content_and_settings(tokenizer, tmp_path):
     key = tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant"))
     assert key == tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant"))
     assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "last"))
-    assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant", skip_invalid=True))
+    assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant", on_invalid="skip"))
     copy.write_text(open(DATA).read().replace("Paris", "Lyon"))
     assert key != tokenized.cache_key(str(copy), tokenizer, RenderSettings(256, "assistant"))
 
