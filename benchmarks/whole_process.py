@@ -46,6 +46,9 @@ MAX_LENGTH = 1024
 def write_fixture(folder: Path, name: str, conversations: int, seed: int) -> tuple[str, str]:
     import torch
     from transformers import Qwen2Config
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the table is the output
 
     from throughput import write_model
 
@@ -160,6 +163,8 @@ def main() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed, imported by transformers, warns about it
     with_trl = trl_available(args.trl_python)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     print(f"{args.conversations} conversations, batch {BATCH_SIZE}, max_length {MAX_LENGTH}, one epoch, "

@@ -100,25 +100,6 @@ def packed_model_inputs(
     return inputs, batch.labels.reshape(1, -1)
 
 
-def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], attn_implementation: str) -> float:
-    """Largest difference between the logits of ``samples`` packed into one row and of each sample run alone.
-
-    Zero up to rounding when the attention keeps samples apart; the model is the caller's, this module only
-    calls it. Used by the tests and by the check that runs before a packed fit.
-    """
-    device = next(model.parameters()).device
-    batch = collate_packed([samples], pad_token_id=0).to(device)
-    inputs, _ = packed_model_inputs(batch, attn_implementation)
-    with torch.no_grad():
-        packed = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
-        worst, start = 0.0, 0
-        for ids, _ in samples:
-            alone = model(input_ids=torch.as_tensor([list(ids)], device=device), use_cache=False).logits[0]
-            worst = max(worst, (packed[start : start + len(ids)] - alone).abs().max().item())
-            start += len(ids)
-    return worst
-
-
 def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, attn_implementation: str) -> torch.Tensor:
     """How far the logits of ``second`` move when the sample packed before it in the same row, ``first``, is
     replaced by other tokens of the same length; relative to the logits' scale, as a float32 scalar.

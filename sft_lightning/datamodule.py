@@ -8,16 +8,18 @@ from typing import Any, NamedTuple, Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from sft_lightning.collate import PromptBatch, TrainingBatch, collate_prompts, collate_training
-from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
-from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
-from sft_lightning.records import OnInvalid, Record, read_records
-from sft_lightning.render import IGNORE_INDEX, SystemMessage, TrainOn, load_tokenizer, render_prompt
-from sft_lightning.sampling import MicroBatch, ResumableLoader, StepPlan, StepPlanSampler
+from sft_lightning.loaders import MicroBatchDataset, PromptDataset, ResumableLoader, collate_prompt_batch
+from sft_lightning.packing import pack_best_fit_decreasing
+from sft_lightning.records import OnInvalid, Record
+from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
+from sft_lightning.sampling import StepPlan, StepPlanSampler
 from sft_lightning.tokenized import TokenizedSplit, tokenize_split
+
+
 
 class Batching(NamedTuple):
     how: str  # "packed N conversations into M rows of <= L tokens", "grouped by length", or "" (plain)
@@ -28,64 +30,6 @@ class Batching(NamedTuple):
         if self.plain_padding is None:
             return f"padding {self.padding:.1%} of the batch tokens"
         return f"{self.how}; padding {self.padding:.1%} of the batch tokens ({self.plain_padding:.1%} without)"
-
-
-class MicroBatchDataset(Dataset):
-    """Indexed by :class:`MicroBatch`: returns the padded (or packed) micro-batch, ready for the loss."""
-
-    def __init__(self, split: TokenizedSplit, pad_token_id: int, rows: Optional[list[list[int]]] = None) -> None:
-        self.split = split
-        self.pad_token_id = pad_token_id
-        self.rows = rows  # packed: each unit is a row of sample indices
-
-    def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.split)
-
-    def __getitem__(self, micro: MicroBatch) -> TrainingBatch:
-        if self.rows is None:
-            chosen = [self.split.sample(i) for i in micro.indices]
-            batch = collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id,
-                                     micro.step_supervised_tokens)
-        else:
-            rows = [[self.split.sample(i) for i in self.rows[r]] for r in micro.indices]
-            batch = collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens)
-        if micro.ghost:
-            batch.labels.fill_(IGNORE_INDEX)
-        return batch
-
-
-class PromptDataset(Dataset):
-    """Prediction inputs: each conversation up to its last user turn, rendered with the generation prompt."""
-
-    def __init__(
-        self, path: str, tokenizer, format: Format = "auto", system_message: SystemMessage = "auto",
-        split_special_tokens: bool = False,
-    ) -> None:
-        self.records = read_records(path, require_assistant=False, format=format)
-        self.prompts = []
-        for record in self.records:
-            shown = prompt_messages(record.messages)
-            if shown[-1]["role"] not in ("user", "tool"):
-                raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
-            try:
-                self.prompts.append(render_prompt(shown, tokenizer, record.tools, system_message, split_special_tokens))
-            except TemplateError as err:
-                raise DataError(f"{record.location}: {err}") from None
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, index: int) -> tuple[int, list[int]]:
-        return index, self.prompts[index]
-
-
-def prompt_messages(messages: list[dict]) -> list[dict]:
-    """The messages shown to the model: a final assistant turn is the reference answer, not input."""
-    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
-
-
-def _collate_prompt_batch(items: list[tuple[int, list[int]]], pad_token_id: int) -> PromptBatch:
-    return collate_prompts([prompt for _, prompt in items], pad_token_id, [index for index, _ in items])
 
 
 class ChatMLDataModule(LightningDataModule):
@@ -327,7 +271,7 @@ class ChatMLDataModule(LightningDataModule):
         return DataLoader(
             self.predict_dataset,
             batch_size=self._eval_batch_size,
-            collate_fn=partial(_collate_prompt_batch, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=partial(collate_prompt_batch, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
 

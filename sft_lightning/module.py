@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from functools import partial
 import math
 from pathlib import Path
 from typing import Literal, Optional
@@ -172,7 +173,7 @@ class SFTLitModule(LightningModule):
         if self.device_mesh is not None:  # set by a ModelParallelStrategy before this hook
             model = self._sharded_model()
         else:
-            model = self._build(pretrained)
+            model = self._causal_lm(pretrained)
         self._matmul_parameters = matmul_parameters(model)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -184,7 +185,7 @@ class SFTLitModule(LightningModule):
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
-    def _build(self, pretrained: bool):
+    def _causal_lm(self, pretrained: bool):
         """The Hugging Face model with the tokenizer's vocabulary and activation checkpointing as configured."""
         h = self.hparams
         model = build_causal_lm(
@@ -210,7 +211,7 @@ class SFTLitModule(LightningModule):
             raise ConfigError(f"{type(strategy).__name__}: for sharded training use sft_lightning.sharding.FSDP2Strategy")
         if self.hparams.lora is not None or self.hparams.quantization is not None:
             raise ConfigError("FSDP2Strategy trains every weight; LoRA and QLoRA fit one GPU: use trainer.strategy ddp")
-        return strategy.load_pretrained(lambda: self._build(pretrained=False), lambda: self._build(pretrained=True))
+        return strategy.load_pretrained(partial(self._causal_lm, pretrained=False), partial(self._causal_lm, pretrained=True))
 
     def _check_packing(self, input_ids: torch.Tensor) -> None:
         """Once per run, in the first packed forward on every rank: refuse an attention that lets packed samples

@@ -9,15 +9,14 @@ batch 2 x accumulation 4 and 2 ranks x batch 4 give the same update.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 # group_by_length sorts windows of this many global batches.
 LENGTH_GROUP_WINDOW = 50
@@ -145,56 +144,3 @@ class StepPlanSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.plan)
-
-
-class ResumableLoader(DataLoader):
-    """The training loader, with the state a resumed run needs: the epoch, the micro-batches of it trained, and
-    the RNG states (dropout continues as it would have).
-
-    The state goes into every checkpoint through the data module's ``state_dict`` (see
-    :meth:`ChatMLDataModule.state_dict` for why there), and having it makes the loader stateful to Lightning, which
-    then knows a mid-epoch resume is exact. Trained micro-batches are counted by :meth:`count_trained` as training
-    takes each one, not as the loader yields them: Lightning fetches one batch ahead.
-    """
-
-    def __init__(self, dataset, sampler: StepPlanSampler, num_workers: int = 0) -> None:
-        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0)
-        self.trained = 0  # micro-batches of the sampler's current epoch handed to training
-
-    def __iter__(self):
-        self.trained = self.sampler.skipped
-        return super().__iter__()
-
-    def count_trained(self) -> None:
-        self.trained += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "micro_batches_done": self.trained, "rng": rng_states()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sampler.resume(state_dict["epoch"], state_dict["micro_batches_done"])
-        set_rng_states(state_dict["rng"])
-
-
-def rng_states() -> dict[str, Any]:
-    """Every RNG a training step may draw from, in types that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])

@@ -1,13 +1,17 @@
 """Helpers shared by several test modules (test modules import from here and conftest, never from each other)."""
 
+import os
+import signal
 import subprocess
 import sys
 
 import lightning as L
 import torch
 
+from sft_lightning.attention import packed_model_inputs
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.module import SFTLitModule
+from sft_lightning.packing import collate_packed
 from tests.conftest import ROOT, TINY_QWEN
 
 TRAIN = str(ROOT / "data" / "chatml_data.json")
@@ -66,3 +70,33 @@ def chat_through_pipe(model_dir, lines, *options):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.splitlines(), [line for line in result.stderr.splitlines() if "reply cut" in line], result.stderr
+
+
+class KillAtStep(L.Callback):
+    """Test helper: SIGKILL this process right after optimizer step ``step`` (no chance to clean up)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], attn_implementation: str) -> float:
+    """Largest difference between the logits of ``samples`` packed into one row and of each sample run alone.
+
+    Zero up to rounding when the attention keeps samples apart (the run-time check is
+    :func:`sft_lightning.attention.cross_sample_influence`, which needs no second forward per sample).
+    """
+    device = next(model.parameters()).device
+    batch = collate_packed([samples], pad_token_id=0).to(device)
+    inputs, _ = packed_model_inputs(batch, attn_implementation)
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
+        worst, start = 0.0, 0
+        for ids, _ in samples:
+            alone = model(input_ids=torch.as_tensor([list(ids)], device=device), use_cache=False).logits[0]
+            worst = max(worst, (packed[start : start + len(ids)] - alone).abs().max().item())
+            start += len(ids)
+    return worst

@@ -4,7 +4,7 @@
 import pytest
 
 from tests.conftest import cli_fit
-from tests.test_loss import assert_same_gradients, train_gradients
+from tests.helpers import assert_same_gradients, train_gradients
 
 pytestmark = pytest.mark.slow
 

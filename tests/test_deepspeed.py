@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from sft_lightning.zero import at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
 from tests.conftest import ROOT, TINY_QWEN, cli_fit
-from tests.test_loss import assert_same_gradients
+from tests.helpers import assert_same_gradients
 
 PRESETS = sorted((ROOT / "configs").glob("*deepspeed.yaml"))
 

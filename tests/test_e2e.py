@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from sft_lightning.cli import cli_main
 from sft_lightning.lightning_cli import SFTLightningCLI
 from tests.conftest import ROOT
-from tests.test_learning import chat_through_pipe
+from tests.helpers import chat_through_pipe
 
 pytestmark = pytest.mark.slow
 VAL = str(ROOT / "data" / "chatml_val.json")

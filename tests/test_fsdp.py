@@ -29,6 +29,7 @@ class LoadRecorder(L.Callback):
         self.loads = 0
 
     def setup(self, trainer, pl_module, stage) -> None:  # runs before configure_model
+        self.original = vars(module_py.AutoModelForCausalLM)["from_pretrained"]
         real = module_py.AutoModelForCausalLM.from_pretrained
 
         def counted(*args, **kwargs):
@@ -36,6 +37,9 @@ class LoadRecorder(L.Callback):
             return real(*args, **kwargs)
 
         module_py.AutoModelForCausalLM.from_pretrained = counted
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        module_py.AutoModelForCausalLM.from_pretrained = self.original  # nothing stays patched
 
     def on_fit_start(self, trainer, pl_module) -> None:
         parameters = list(pl_module.model.parameters())
@@ -72,7 +76,7 @@ def exported(ckpt, folder) -> dict[str, torch.Tensor]:
 def test_fsdp_preset_on_two_processes_resumes_and_equals_one_process(arch, tmp_path):
     preset, model = PRESETS[arch]
     sharded = tmp_path / "fsdp"
-    killed = fit(preset, model, sharded, "--trainer.devices=2", "--trainer.callbacks+=tests.test_resume.KillAtStep",
+    killed = fit(preset, model, sharded, "--trainer.devices=2", "--trainer.callbacks+=tests.helpers.KillAtStep",
                  "--trainer.callbacks.step=12", "--trainer.callbacks+=tests.test_fsdp.LoadRecorder",
                  f"--trainer.callbacks.path={tmp_path / 'load'}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

@@ -2,14 +2,13 @@
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 
 from sft_lightning.cli import cli_main
 from sft_lightning.metrics import generation_metrics
 from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN
+from tests.helpers import chat_through_pipe
 
 pytestmark = pytest.mark.slow
 WORDS = "red blue green cat dog sun moon tree fish bird star rain snow wind fire stone gold king lamp book".split()
@@ -70,13 +69,3 @@ def test_fit_then_predict_answers_held_out_prompts_exactly(model, language, tmp_
     replies, cut, _ = chat_through_pipe(tmp_path / "lightning_logs" / "version_0" / "hf_model", lines)
     assert sum(reply == prompt.removeprefix(TASKS[language][0]) for reply, prompt in zip(replies, prompts)) >= 3
     assert not cut
-
-
-def chat_through_pipe(model_dir, lines, *options):
-    """``sft-lightning chat`` fed ``lines`` on stdin: (replies on stdout, stderr lines saying a reply was cut)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "sft_lightning.cli", "chat", f"--model_path={model_dir}", "--max_new_tokens=48", *options],
-        input="\n".join([*lines, "/exit"]) + "\n", capture_output=True, text=True, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.splitlines(), [line for line in result.stderr.splitlines() if "reply cut" in line], result.stderr

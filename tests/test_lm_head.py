@@ -8,7 +8,7 @@ from sft_lightning.collate import collate_training
 from sft_lightning.lm_head import ChunkedCrossEntropy, ChunkedLMHead, install_chunked_head
 from sft_lightning.module import SFTLitModule
 from tests.conftest import TINY_LLAMA, TINY_QWEN
-from tests.test_loss import assert_same_gradients, train_gradients
+from tests.helpers import assert_same_gradients, train_gradients
 
 
 @pytest.mark.parametrize("bias", [False, True])

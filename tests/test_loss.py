@@ -1,17 +1,12 @@
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
-from sft_lightning.module import SFTLitModule
 from sft_lightning.zero import loss_divisor
-from tests.conftest import ROOT, TINY_QWEN
-
-TRAIN = str(ROOT / "data" / "chatml_data.json")
+from tests.helpers import assert_same_gradients, train_gradients
 
 
 def test_token_stats_sum_and_count_supervised_positions_only():
@@ -47,51 +42,6 @@ def test_token_metrics_are_a_token_mean_not_a_mean_of_batch_means():
     assert values["loss"].item() == pytest.approx(2 * math.log(4) / 3, rel=1e-6)
     assert values["ppl"].item() == pytest.approx(math.exp(2 * math.log(4) / 3), rel=1e-6)
     assert values["acc"].item() == pytest.approx(1 / 3)
-
-
-class GradientRecorder(L.Callback):
-    """Rank 0 saves the gradient each optimizer step is about to apply (already all-reduced under DDP) to a
-    file, so that runs in spawned processes report back too."""
-
-    def __init__(self, path):
-        self.path = path
-        self.steps = []
-
-    def on_before_optimizer_step(self, trainer, module, optimizer):
-        self.steps.append({n: p.grad.detach().clone() for n, p in module.model.named_parameters()})
-
-    def on_train_end(self, trainer, module):
-        if trainer.is_global_zero:
-            torch.save(self.steps, self.path)
-
-
-def train_gradients(
-    tmp_path, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto", steps: int = 2,
-    model: str = TINY_QWEN, lm_head_chunk_tokens: int | None = 512, **data_args,
-) -> list[dict[str, torch.Tensor]]:
-    L.seed_everything(0)
-    module = SFTLitModule(model, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant",
-                          lm_head_chunk_tokens=lm_head_chunk_tokens)
-    data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=model, batch_size=batch_size, max_length=64, seed=1,
-                            cache_dir=None, **data_args)
-    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{lm_head_chunk_tokens}-{sorted(data_args.items())}.pt"
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
-        logger=False, callbacks=[GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, data)
-    return torch.load(path, weights_only=True)
-
-
-def assert_same_gradients(steps, reference):
-    assert len(steps) == len(reference)
-    for step, expected in zip(steps, reference):
-        for name, grad in expected.items():
-            # float32 summation order differs between the runs (and Adam amplifies it in later steps): the
-            # tolerance is relative to the tensor scale, far below the ~10% a wrong normalisation gives
-            scale = grad.abs().max().item()
-            torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
 
 
 def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):

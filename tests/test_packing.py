@@ -4,13 +4,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_logit_mismatch, packed_model_inputs
+from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_model_inputs
 from sft_lightning.cli import cli_main
 from sft_lightning.loss import token_stats
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
 from sft_lightning.render import IGNORE_INDEX, load_tokenizer
 from sft_lightning.tokenized import tokenize_split
 from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN
+from tests.helpers import packed_logit_mismatch
 
 X = IGNORE_INDEX
 

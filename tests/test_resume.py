@@ -1,10 +1,8 @@
 """A run killed with SIGKILL between checkpoints and resumed with ``--ckpt_path last`` ends with the same weights
 as a run that was never interrupted; a kill during a checkpoint write leaves the previous checkpoint intact."""
 
-import os
 import signal
 
-import lightning as L
 import pytest
 import torch
 
@@ -14,17 +12,6 @@ from tests.conftest import ROOT, final_weights
 from tests.conftest import tiny_fit as fit
 
 pytestmark = pytest.mark.slow
-
-
-class KillAtStep(L.Callback):
-    """Test helper: SIGKILL this process right after optimizer step ``step`` (no chance to clean up)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
@@ -37,7 +24,7 @@ class KillAtStep(L.Callback):
     ids=["epoch0", "epoch1", "packed"],
 )
 def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, kill_at, data, uninterrupted_weights):
-    killed = fit(tmp_path / "run", *data, "--trainer.callbacks+=tests.test_resume.KillAtStep",
+    killed = fit(tmp_path / "run", *data, "--trainer.callbacks+=tests.helpers.KillAtStep",
                  f"--trainer.callbacks.step={kill_at}")
     assert killed.returncode == -signal.SIGKILL
     resumed = fit(tmp_path / "run", *data, "--ckpt_path=last")

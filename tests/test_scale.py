@@ -36,7 +36,8 @@ def test_mixed_precision_adamw_is_16_bytes_per_parameter_sharded_as_zero_says(gp
     assert plan_memory(config, gpus, SHARDINGS["zero2"]).state == pytest.approx(4 * n + 12 * n / gpus)
     assert plan_memory(config, gpus, SHARDINGS["zero3"]).state == pytest.approx(16 * n / gpus)
     # ZeRO paper, table 1: a 7.5B model on 64 GPUs holds 120 GB of model states, 1.9 GB per GPU under ZeRO-3.
-    assert 16 * 7.5e9 / 64 / 1e9 == pytest.approx(1.875)
+    per_parameter = plan_memory(config, 64, SHARDINGS["zero3"]).state / n
+    assert 7.5e9 * 64 * per_parameter / 1e9 == pytest.approx(120) and 7.5e9 * per_parameter / 1e9 == pytest.approx(1.875)
 
 
 def test_lora_and_qlora_keep_the_base_frozen():

@@ -1,0 +1,131 @@
+"""What the data loaders read: micro-batches of a tokenised split, prediction prompts, and the training loader
+that knows where training is in its data (with the RNG states), so that a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sft_lightning.collate import PromptBatch, TrainingBatch, collate_prompts, collate_training
+from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.formats import Format
+from sft_lightning.packing import collate_packed
+from sft_lightning.records import read_records
+from sft_lightning.render import IGNORE_INDEX, SystemMessage, render_prompt
+from sft_lightning.sampling import MicroBatch, StepPlanSampler
+from sft_lightning.tokenized import TokenizedSplit
+
+
+class MicroBatchDataset(Dataset):
+    """Indexed by :class:`MicroBatch`: returns the padded (or packed) micro-batch, ready for the loss."""
+
+    def __init__(self, split: TokenizedSplit, pad_token_id: int, rows: Optional[list[list[int]]] = None) -> None:
+        self.split = split
+        self.pad_token_id = pad_token_id
+        self.rows = rows  # packed: each unit is a row of sample indices
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.split)
+
+    def __getitem__(self, micro: MicroBatch) -> TrainingBatch:
+        if self.rows is None:
+            chosen = [self.split.sample(i) for i in micro.indices]
+            batch = collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id,
+                                     micro.step_supervised_tokens)
+        else:
+            rows = [[self.split.sample(i) for i in self.rows[r]] for r in micro.indices]
+            batch = collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens)
+        if micro.ghost:
+            batch.labels.fill_(IGNORE_INDEX)
+        return batch
+
+
+class PromptDataset(Dataset):
+    """Prediction inputs: each conversation up to its last user turn, rendered with the generation prompt."""
+
+    def __init__(
+        self, path: str, tokenizer, format: Format = "auto", system_message: SystemMessage = "auto",
+        split_special_tokens: bool = False,
+    ) -> None:
+        self.records = read_records(path, require_assistant=False, format=format)
+        self.prompts = []
+        for record in self.records:
+            shown = prompt_messages(record.messages)
+            if shown[-1]["role"] not in ("user", "tool"):
+                raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
+            try:
+                self.prompts.append(render_prompt(shown, tokenizer, record.tools, system_message, split_special_tokens))
+            except TemplateError as err:
+                raise DataError(f"{record.location}: {err}") from None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> tuple[int, list[int]]:
+        return index, self.prompts[index]
+
+
+def prompt_messages(messages: list[dict]) -> list[dict]:
+    """The messages shown to the model: a final assistant turn is the reference answer, not input."""
+    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
+
+def collate_prompt_batch(items: list[tuple[int, list[int]]], pad_token_id: int) -> PromptBatch:
+    return collate_prompts([prompt for _, prompt in items], pad_token_id, [index for index, _ in items])
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, with the state a resumed run needs: the epoch, the micro-batches of it trained, and
+    the RNG states (dropout continues as it would have).
+
+    The state goes into every checkpoint through the data module's ``state_dict`` (see
+    :meth:`ChatMLDataModule.state_dict` for why there), and having it makes the loader stateful to Lightning, which
+    then knows a mid-epoch resume is exact. Trained micro-batches are counted by :meth:`count_trained` as training
+    takes each one, not as the loader yields them: Lightning fetches one batch ahead.
+    """
+
+    def __init__(self, dataset, sampler: StepPlanSampler, num_workers: int = 0) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0)
+        self.trained = 0  # micro-batches of the sampler's current epoch handed to training
+
+    def __iter__(self):
+        self.trained = self.sampler.skipped
+        return super().__iter__()
+
+    def count_trained(self) -> None:
+        self.trained += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "micro_batches_done": self.trained, "rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sampler.resume(state_dict["epoch"], state_dict["micro_batches_done"])
+        set_rng_states(state_dict["rng"])
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
