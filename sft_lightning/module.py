@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from functools import partial
 import math
+from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
@@ -22,13 +21,14 @@ from sft_lightning.collate import PackedBatch, TrainingBatch
 from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
+from sft_lightning.nonfinite import NonFiniteGuard
 from sft_lightning.loss import TokenMetrics, TokenStats, micro_batch_loss, predicting_positions, token_stats
 from sft_lightning.render import IGNORE_INDEX, load_tokenizer, stop_token_ids
 from sft_lightning.sharding import FSDP2Strategy
 from sft_lightning.throughput import FlopParameters, matmul_parameters, training_flops
 from sft_lightning.zero import (
     adamw, at_optimizer_step, deepspeed_config, end_zero3_loading, float32_rotary_buffers, is_zero3, logical_ndim,
-    loss_divisor, skips_nonfinite_steps, zero3_loading,
+    loss_divisor, zero3_loading,
 )
 
 # The packing check packs two spans of this many tokens from the first batch.
@@ -138,8 +138,7 @@ class SFTLitModule(LightningModule):
         self._deepspeed: Optional[dict] = None  # the DeepSpeed config, when trained under DeepSpeed
         self._hf_deepspeed = None
         self._first_forward_done = False
-        self._nonfinite_steps = 0  # skipped optimizer steps, in all
-        self._nonfinite_in_a_row = 0
+        self._nonfinite = NonFiniteGuard(nonfinite_patience)
         self._step_loss = torch.zeros(())
 
     @property
@@ -282,20 +281,15 @@ class SFTLitModule(LightningModule):
         # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
         self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
         self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
-        if not self._step_is_finite(optimizer):
-            self._nonfinite_steps += 1
-            self._nonfinite_in_a_row += 1
-            if self._deepspeed is None:
-                # No gradient, no update: AdamW leaves a parameter without .grad (and its moments) untouched.
-                optimizer.zero_grad(set_to_none=True)
-            elif not skips_nonfinite_steps(self._deepspeed):
-                # ZeRO keeps its own float32 gradient partitions and would apply this one: stop before it does.
-                self._raise_nonfinite("DeepSpeed cannot skip this step with its config (ZeRO-3, or fp32)")
-            if self._nonfinite_in_a_row >= self.hparams.nonfinite_patience:
-                self._raise_nonfinite(f"{self._nonfinite_in_a_row} optimizer steps in a row")
-        else:
-            self._nonfinite_in_a_row = 0
-        self.log("train_nonfinite_steps", float(self._nonfinite_steps), rank_zero_only=True)
+        trainer = self.trainer
+        stop = self._nonfinite.before_step(
+            self._step_loss, optimizer, check_gradients=getattr(trainer.precision_plugin, "scaler", None) is None,
+            reduce=lambda flag: trainer.strategy.reduce(flag, reduce_op="sum") if trainer.world_size > 1 else flag,
+            deepspeed=self._deepspeed,
+        )
+        if stop is not None:
+            self._raise_nonfinite(stop)
+        self.log("train_nonfinite_steps", float(self._nonfinite.skipped), rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
 
     def _raise_nonfinite(self, what: str) -> None:
@@ -311,7 +305,7 @@ class SFTLitModule(LightningModule):
             end_zero3_loading()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["nonfinite_steps"] = self._nonfinite_steps
+        checkpoint["nonfinite_steps"] = self._nonfinite.skipped
         # The arguments as a checkpoint needs them: loadable with weights_only (LoRA as a plain dict), and a local
         # model folder as an absolute path (checkpoints are exported and resumed from other working directories).
         h = self.hparams
@@ -321,23 +315,7 @@ class SFTLitModule(LightningModule):
         checkpoint.setdefault("hyper_parameters", {}).update(portable)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
-
-    def _step_is_finite(self, optimizer) -> bool:
-        """The same answer on every rank: the step loss and, unless a GradScaler already handles overflow, the
-        gradient norm are finite."""
-        finite = torch.isfinite(self._step_loss)
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                norm = torch.nn.utils.get_total_norm(grads)
-                if isinstance(norm, DTensor):  # sharded gradients (FSDP2): the norm of the whole gradient
-                    norm = norm.full_tensor()
-                finite = finite & torch.isfinite(norm)
-        flag = (~finite).float()
-        if self.trainer.world_size > 1:
-            flag = self.trainer.strategy.reduce(flag, reduce_op="sum")
-        return flag.item() == 0
+        self._nonfinite.skipped = checkpoint.get("nonfinite_steps", 0)
 
     def validation_step(self, batch, batch_idx):
         self.val_metrics.update(self.score(batch))
