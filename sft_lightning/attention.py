@@ -118,7 +118,5 @@ def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, att
     return (logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp(min=1e-6)
 
 
-
-
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)

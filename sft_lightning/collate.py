@@ -92,4 +92,3 @@ def collate_prompts(
     """Left-padded prompts; ``index``: each prompt's record, carried along for the prediction writer."""
     ids, attention_mask = pad_sequences(prompts, pad_token_id, side="left")
     return PromptBatch(ids, attention_mask, None if index is None else torch.tensor(list(index)))
-

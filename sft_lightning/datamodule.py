@@ -20,7 +20,6 @@ from sft_lightning.sampling import StepPlan, StepPlanSampler
 from sft_lightning.tokenized import TokenizedSplit, tokenize_split
 
 
-
 class Batching(NamedTuple):
     how: str  # "packed N conversations into M rows of <= L tokens", "grouped by length", or "" (plain)
     padding: float  # share of the micro-batch tensor slots that hold padding
@@ -225,7 +224,7 @@ class ChatMLDataModule(LightningDataModule):
         return Batching(how, configured, plain)
 
     def state_dict(self) -> dict[str, Any]:
-        """The training loader's position and RNG states (:class:`~sft_lightning.sampling.ResumableLoader`).
+        """The training loader's position and RNG states (:class:`~sft_lightning.loaders.ResumableLoader`).
 
         Kept here rather than only in the loader's own state: Lightning 2.6.6 restores loader states with the
         loops, after ``configure_optimizers`` (through ``trainer.estimated_stepping_batches``) has already built
@@ -244,12 +243,16 @@ class ChatMLDataModule(LightningDataModule):
 
     def _loader(self, name: str, training: bool) -> ResumableLoader | DataLoader:
         rows = self._rows(name) if self.hparams.packing else None
-        dataset = MicroBatchDataset(self.splits[name], self.tokenizer.pad_token_id, rows)
-        sampler = StepPlanSampler(self._plan(name, training))
+        loader = (ResumableLoader if training else DataLoader)(
+            MicroBatchDataset(self.splits[name], self.tokenizer.pad_token_id, rows),
+            sampler=StepPlanSampler(self._plan(name, training)),
+            batch_size=None,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
         if not training:
-            return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.hparams.num_workers,
-                              persistent_workers=self.hparams.num_workers > 0)
-        self._train_loader = ResumableLoader(dataset, sampler, self.hparams.num_workers)
+            return loader
+        self._train_loader = loader
         if self._position is not None:  # from a checkpoint: continue where it stopped
             self._train_loader.load_state_dict(self._position)
         return self._train_loader

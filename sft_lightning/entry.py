@@ -62,7 +62,7 @@ def answered_without_loading(argv: list[str]) -> bool:
     sys.exit(2)
 
 
-def exit_with(error: Exception) -> NoReturn:
+def exit_with(error: Exception | str) -> NoReturn:
     """A user error: one line on stderr, exit status 2, no traceback."""
     print(f"sft-lightning: error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -85,13 +85,12 @@ class ResumableLoader(DataLoader):
     The state goes into every checkpoint through the data module's ``state_dict`` (see
     :meth:`ChatMLDataModule.state_dict` for why there), and having it makes the loader stateful to Lightning, which
     then knows a mid-epoch resume is exact. Trained micro-batches are counted by :meth:`count_trained` as training
-    takes each one, not as the loader yields them: Lightning fetches one batch ahead.
+    takes each one, not as the loader yields them: Lightning fetches one batch ahead. Built like any DataLoader
+    (so Lightning can rebuild it), over a :class:`StepPlanSampler`.
     """
 
-    def __init__(self, dataset, sampler: StepPlanSampler, num_workers: int = 0) -> None:
-        super().__init__(dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0)
-        self.trained = 0  # micro-batches of the sampler's current epoch handed to training
+    sampler: StepPlanSampler
+    trained = 0  # micro-batches of the sampler's current epoch handed to training
 
     def __iter__(self):
         self.trained = self.sampler.skipped

@@ -321,4 +321,3 @@ def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: floa
     verdict = "fits" if fits else "does NOT fit"
     lines.append(f"  {verdict} a {gpu_memory_gb:g} GB GPU ({plan.total / (gpu_memory_gb * GB):.0%} of it)")
     return "\n".join(lines)
-

@@ -78,4 +78,3 @@ def collate_packed(
         max_seq_len=max(end - start for start, end in zip(bounds, bounds[1:])),
         sample_lengths=torch.tensor(sample_lengths), step_supervised_tokens=step_supervised_tokens,
     )
-
