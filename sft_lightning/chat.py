@@ -110,7 +110,7 @@ def chat(
         show_prompt: print the exact rendered prompt to stderr before each reply.
     """
     model, tokenizer = load_for_chat(model_path, ckpt_path, trust_remote_code)
-    settings = GenerationSettings(max_new_tokens, temperature > 0, temperature or 1.0, top_p)
+    settings = GenerationSettings(max_new_tokens, temperature, top_p)
     session = ChatSession(model, tokenizer, settings, system_prompt)
     interactive = sys.stdin.isatty()
     if interactive:

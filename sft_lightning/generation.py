@@ -10,14 +10,18 @@ import torch
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """How predict and chat generate: ``temperature`` 0 decodes greedily, above 0 samples at that temperature
+    within the ``top_p`` nucleus (one knob for both, as in the OpenAI and vLLM APIs)."""
+
     max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
+    temperature: float = 0.0
     top_p: float = 1.0
 
     def kwargs(self) -> dict:
-        sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, **sampling}
+        if self.temperature <= 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p}
 
 
 class Reply(NamedTuple):

@@ -31,7 +31,7 @@ from sft_lightning.writers import JsonlPredictionWriter
 from sft_lightning.zero import deepspeed_config
 
 # SFTLitModule arguments that only decide how predict (and chat) generate.
-GENERATION_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p")
+GENERATION_SETTINGS = ("max_new_tokens", "temperature", "top_p")
 
 
 class SFTLightningCLI(LightningCLI):
@@ -94,7 +94,7 @@ class SFTLightningCLI(LightningCLI):
 
         Lightning 2.6's ``LightningCLI._parse_ckpt_path`` (private; the one override of it here) re-parses the
         checkpoint's saved ``model`` arguments over the command line, so ``predict --ckpt_path K
-        --model.do_sample true`` would silently decode greedily with the settings saved at fit time.
+        --model.temperature 0.7`` would silently decode greedily with the settings saved at fit time.
         """
         model = self.config.get(self.config.get("subcommand") or "", {}).get("model")
         kept = {name: model[name] for name in GENERATION_SETTINGS} if model is not None else {}

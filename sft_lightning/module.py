@@ -79,8 +79,7 @@ class SFTLitModule(LightningModule):
         lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         max_new_tokens: int = 256,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        temperature: float = 0.0,
         top_p: float = 1.0,
         packing_check: bool = True,
         lm_head_chunk_tokens: Optional[int] = 512,
@@ -106,8 +105,7 @@ class SFTLitModule(LightningModule):
             lr_scheduler: decay after warmup.
             adam_betas: AdamW betas.
             max_new_tokens: predict: most tokens generated per answer.
-            do_sample: predict: sample instead of greedy decoding.
-            temperature: predict: sampling temperature.
+            temperature: predict: 0 decodes greedily; above 0 samples at this temperature.
             top_p: predict: nucleus sampling mass.
             packing_check: in the first packed forward (training, validation or test), pack two spans of the batch
                 and refuse to go on if the second one's logits change when the first one does (an attention
@@ -144,7 +142,7 @@ class SFTLitModule(LightningModule):
     @property
     def generation_settings(self) -> GenerationSettings:
         h = self.hparams
-        return GenerationSettings(h.max_new_tokens, h.do_sample, h.temperature, h.top_p)
+        return GenerationSettings(h.max_new_tokens, h.temperature, h.top_p)
 
     def connect(self, tokenizer) -> None:
         """Use ``tokenizer`` (loaded once from ``model_name_or_path`` by the CLI, shared with the data) instead of

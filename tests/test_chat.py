@@ -50,3 +50,11 @@ def test_repl_on_a_terminal_edits_lines_keeps_history_and_survives_ctrl_c():
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_temperature_zero_is_greedy_in_chat_and_predict_alike():
+    # One knob for chat's --temperature and predict's --model.temperature: 0 never passes sampling settings on.
+    assert GenerationSettings(7).kwargs() == {"max_new_tokens": 7, "do_sample": False}
+    assert GenerationSettings(7, temperature=0.0, top_p=0.5).kwargs() == {"max_new_tokens": 7, "do_sample": False}
+    assert GenerationSettings(7, temperature=0.7, top_p=0.9).kwargs() == {
+        "max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
