@@ -9,7 +9,7 @@ is exceeded, so it can gate a training job.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import numpy as np
 from rich.console import Console
@@ -18,10 +18,11 @@ from rich.text import Text
 from transformers import GenerationConfig
 
 from sft_lightning.errors import CheckFailed, DataError, TemplateError
+from sft_lightning.datamodule import Batching
 from sft_lightning.lightning_cli import SFTLightningCLI
+from sft_lightning.mixture import SampleSet, SourceSamples
 from sft_lightning.records import read_records
 from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id
-from sft_lightning.tokenized import TokenizedSplit
 
 STAGES = {"train": "fit", "val": "validate", "test": "test"}
 # The trainer is not used here: a GPU or multi-node config is checked on any machine.
@@ -49,7 +50,7 @@ def check(
         config: a ``sft-lightning fit`` config (its model, tokenizer and data settings are used as fit would);
             ``--model.*`` and ``--data.*`` options after it override the config's, as they do for fit
             (``--data.train_path mine.jsonl`` checks your own file).
-        split: which data file of the config to check.
+        split: which data of the config to check (each of its sources is reported and checked on its own).
         samples: how many rendered conversations to show.
         max_truncated_fraction: fail when more conversations than this are cut at ``data.max_length``.
         max_dropped_fraction: fail when more conversations than this are dropped (invalid, or nothing left to train).
@@ -63,23 +64,32 @@ def check(
     except (DataError, TemplateError) as err:
         _report(console, [Outcome("renders and masks with the chat template", "fail", str(err))])
         raise CheckFailed(f"data check failed: {err}") from None
-    tokenized, tokenizer = data.splits[split], data.tokenizer
+    mixture, tokenizer = data.splits[split], data.tokenizer
     eot = end_of_turn_token_id(tokenizer)
-    for index in range(min(samples, len(tokenized))):
+    for index in range(min(samples, len(mixture))):
         console.print(Text(f"sample {index + 1} (trained tokens in bold green and ⟦ ⟧):", style="bold"))
-        console.print(highlighted(tokenized, index, tokenizer))
+        console.print(highlighted(mixture, index, tokenizer))
         console.print()
-    console.print(statistics(tokenized, data, split, read_records(tokenized.path, format=data.hparams.format)))
     outcomes = [Outcome("renders and masks with the chat template", "pass", "every turn after its inference prompt, closed by a special end-of-turn token")]
-    outcomes += checks(tokenized, tokenizer, eot, model_path, data.hparams.max_length)
-    outcomes += thresholds(tokenized, max_truncated_fraction, max_dropped_fraction)
+    several = len(mixture.sources) > 1
+    for number, source in enumerate(mixture.sources, start=1):
+        # Each source is read, counted and checked on its own, so a problem names the source it is in.
+        title = f"{split} source {number}/{len(mixture.sources)}: {source.path}" if several else f"{split}: {source.path}"
+        records = [r for file in source.source.files for r in read_records(file, skipped=Counter(), format=source.source.format)]
+        console.print(statistics(source, title, records, None if several else data.batching(split)))
+        found = checks(source, tokenizer, eot, model_path, data.hparams.max_length)
+        found += thresholds(source, max_truncated_fraction, max_dropped_fraction)
+        outcomes += [o._replace(name=f"source {number}: {o.name}") for o in found] if several else found
+    if several:
+        console.print(mixture.summary(split))
+        console.print(f"{split} batching: {data.batching(split)}")
     _report(console, outcomes)
     failed = [o.name for o in outcomes if o.status == "fail"]
     if failed:
         raise CheckFailed(f"data check failed: {'; '.join(failed)}")
 
 
-def highlighted(tokenized: TokenizedSplit, index: int, tokenizer) -> Text:
+def highlighted(tokenized: SampleSet, index: int, tokenizer) -> Text:
     """The sample's text, trained tokens bold green inside ``⟦ ⟧``, the rest dim."""
     ids, labels = tokenized.sample(index)
     text = Text()
@@ -95,11 +105,12 @@ def highlighted(tokenized: TokenizedSplit, index: int, tokenizer) -> Text:
     return text
 
 
-def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
+def statistics(tokenized: SampleSet, title: str, records, batching: Optional[Batching]) -> Table:
+    """Counts, lengths and supervision of a source's kept samples; ``batching``: how its split is batched."""
     lengths = np.asarray(tokenized.lengths)
     supervised = sum(tokenized.supervised_tokens)
     turns = Counter(m["role"] for r in records for m in r.messages)
-    table = Table(title=f"{split}: {tokenized.path}", show_header=False)
+    table = Table(title=title, show_header=False)
     rows = [
         ("conversations", f"{tokenized.read} read, {len(tokenized)} kept"),
         ("dropped", ", ".join(f"{n} {why}" for why, n in tokenized.dropped.items()) or "none"),
@@ -111,14 +122,14 @@ def statistics(tokenized: TokenizedSplit, data, split: str, records) -> Table:
         ("tokens", f"{int(lengths.sum())} (mean {lengths.mean():.1f})"),
         ("length p50 / p90 / p99 / max", " / ".join(str(int(np.percentile(lengths, q))) for q in (50, 90, 99, 100))),
         ("supervised tokens", f"{supervised} ({supervised / lengths.sum():.1%} of all tokens)"),
-        ("batching", str(data.batching(split))),
+        *([("batching", str(batching))] if batching is not None else []),
     ]
     for name, value in rows:
         table.add_row(name, value)
     return table
 
 
-def checks(tokenized: TokenizedSplit, tokenizer, eot: int, model_path: str, max_length: int) -> list[Outcome]:
+def checks(tokenized: SampleSet, tokenizer, eot: int, model_path: str, max_length: int) -> list[Outcome]:
     untrained = [i for i in range(len(tokenized)) if not _every_turn_ends_trained(*tokenized.sample(i), eot, max_length)]
     outcomes = [Outcome(
         "end-of-turn trained in every sample", "fail" if untrained else "pass",
@@ -150,7 +161,7 @@ def _every_turn_ends_trained(ids: np.ndarray, labels: np.ndarray, eot: int, max_
     return all(ids[end] == eot or (cut_off and end == len(ids) - 1) for end in ends)
 
 
-def thresholds(tokenized: TokenizedSplit, max_truncated: float, max_dropped: float) -> list[Outcome]:
+def thresholds(tokenized: SourceSamples, max_truncated: float, max_dropped: float) -> list[Outcome]:
     truncated = tokenized.truncated / max(tokenized.read, 1)
     dropped = sum(tokenized.dropped.values()) / max(tokenized.read, 1)
     return [

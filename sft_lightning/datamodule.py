@@ -13,11 +13,13 @@ from torch.utils.data import DataLoader
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
 from sft_lightning.loaders import MicroBatchDataset, PromptDataset, ResumableLoader, collate_prompt_batch
+from sft_lightning.mixture import Mixture
 from sft_lightning.packing import pack_best_fit_decreasing
 from sft_lightning.records import OnInvalid, Record
 from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
 from sft_lightning.sampling import StepPlan, StepPlanSampler
-from sft_lightning.tokenized import TokenizedSplit, tokenize_split
+from sft_lightning.sources import Sources, resolve_sources
+from sft_lightning.tokenized import tokenize_split
 
 
 class Batching(NamedTuple):
@@ -34,9 +36,9 @@ class Batching(NamedTuple):
 class ChatMLDataModule(LightningDataModule):
     def __init__(
         self,
-        train_path: Optional[str] = None,
-        val_path: Optional[str] = None,
-        test_path: Optional[str] = None,
+        train_path: Optional[Sources] = None,
+        val_path: Optional[Sources] = None,
+        test_path: Optional[Sources] = None,
         predict_path: Optional[str] = None,
         tokenizer_path: Optional[str] = None,
         trust_remote_code: bool = False,
@@ -57,14 +59,19 @@ class ChatMLDataModule(LightningDataModule):
         system_message: SystemMessage = "auto",
         split_special_tokens: bool = False,
     ) -> None:
-        """Chat conversations (JSON array or JSONL of ``{"messages": [...]}``) rendered with the model's template.
+        """Chat conversations (rows of ``{"messages": [...]}`` in JSON, JSONL, Parquet or a ``datasets`` folder)
+        rendered with the model's template.
 
         Args:
-            train_path: training conversations.
-            val_path: validation conversations (``val_loss``, ``val_ppl``, ``val_acc``).
-            test_path: test conversations (``test_loss``, ...).
-            predict_path: conversations to answer; each ends with a user turn, or with an assistant turn that
-                is taken as the reference and not shown to the model.
+            train_path: training conversations: a JSON/JSONL/Parquet file, a glob of them, a folder written by
+                ``datasets``' ``save_to_disk``, or a list of such sources, each a path or ``{path, weight,
+                conversations, format}``: ``weight`` is the source's share of each epoch among the weighted
+                sources (a smaller source repeats, a larger one is subsampled; drawn once from ``seed``),
+                ``conversations`` a fixed number per epoch, ``format`` the source's own row shape.
+            val_path: validation conversations (``val_loss``, ``val_ppl``, ``val_acc``); sources as for training.
+            test_path: test conversations (``test_loss``, ...); sources as for training.
+            predict_path: conversations to answer (one file or ``datasets`` folder); each ends with a user turn,
+                or with an assistant turn that is taken as the reference and not shown to the model.
             tokenizer_path: tokenizer folder or hub name; linked from ``model.model_name_or_path`` by the CLI.
             trust_remote_code: allow the tokenizer's own Python code; linked from the model.
             max_length: conversations longer than this many tokens keep their first ``max_length`` tokens; with
@@ -84,9 +91,10 @@ class ChatMLDataModule(LightningDataModule):
             train_on: ``assistant``: every assistant turn (content and the end-of-turn token); ``last``: the
                 final assistant turn only; ``all``: every token of the conversation.
             shuffle: shuffle the training conversations (or rows) each epoch.
-            seed: seed of the shuffle (the order depends on seed and epoch only).
-            cache_dir: where tokenised splits are kept, keyed by the file's content, tokenizer, template,
-                ``max_length`` and ``train_on``, so a second run skips tokenisation (null: no cache).
+            seed: seed of the shuffle (the order depends on seed and epoch only) and of a mixture's draw.
+            cache_dir: where tokenised files are kept, each keyed by its content, format, tokenizer, template,
+                ``max_length`` and ``train_on`` (not by mixture weights), so a second run skips tokenisation (null:
+                no cache).
             preprocessing_workers: processes that tokenise in parallel (default: one per CPU for files of
                 5,000 conversations or more).
             on_invalid: ``error``: the first invalid conversation (bad JSON line, role, content, order, or one
@@ -107,7 +115,7 @@ class ChatMLDataModule(LightningDataModule):
         if packing and (group_by_length or max_tokens_per_batch):
             raise DataError("data.packing already fills rows; group_by_length and max_tokens_per_batch are for unpacked batches")
         self.tokenizer = None
-        self.splits: dict[str, TokenizedSplit] = {}
+        self.splits: dict[str, Mixture] = {}
         self._reported: set[str] = set()  # splits whose summary is printed
         self._packed_rows: dict[str, list[list[int]]] = {}
         self._train_loader: Optional[ResumableLoader] = None
@@ -130,17 +138,21 @@ class ChatMLDataModule(LightningDataModule):
         required = {"fit": ("train",), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         return required, ("val",) if stage == "fit" else ()
 
-    def _tokenize(self, name: str) -> TokenizedSplit:
+    def _tokenize(self, name: str) -> Mixture:
+        """Each file of each source tokenised on its own (and cached so), then the mixture drawn from them."""
         h = self.hparams
         workers = h.preprocessing_workers
         if workers is None and self.trainer is not None:
             # Ranks on a node share its CPUs.
             workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
-        return tokenize_split(
-            self.hparams[f"{name}_path"], self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
-            on_invalid=h.on_invalid, format=h.format, system_message=h.system_message,
-            split_special_tokens=h.split_special_tokens,
-        )
+        sources = resolve_sources(h[f"{name}_path"], f"{name}_path", h.format)
+        parts = [
+            [tokenize_split(str(file), self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
+                            on_invalid=h.on_invalid, format=source.format, system_message=h.system_message,
+                            split_special_tokens=h.split_special_tokens) for file in source.files]
+            for source in sources
+        ]
+        return Mixture(sources, parts, h.seed)
 
     def prepare_data(self) -> None:
         # One process per node tokenises into the cache; setup() on every rank then reads it from there.
@@ -230,7 +242,9 @@ class ChatMLDataModule(LightningDataModule):
         loops, after ``configure_optimizers`` (through ``trainer.estimated_stepping_batches``) has already built
         the loader and drawn its iterator; a data module's state is restored before that.
         """
-        return self._train_loader.state_dict() if self._train_loader is not None else {}
+        if self._train_loader is None:
+            return {}
+        return {**self._train_loader.state_dict(), "mixture": self.splits["train"].fingerprint()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._position = state_dict or None
@@ -254,8 +268,19 @@ class ChatMLDataModule(LightningDataModule):
             return loader
         self._train_loader = loader
         if self._position is not None:  # from a checkpoint: continue where it stopped
+            self._check_same_mixture(self._position.get("mixture"))
             self._train_loader.load_state_dict(self._position)
         return self._train_loader
+
+    def _check_same_mixture(self, saved: Optional[list]) -> None:
+        """A data position means something only over the samples it was counted on."""
+        current = self.splits["train"].fingerprint()
+        if saved is not None and [list(s) for s in saved] != current:
+            raise DataError(
+                f"data.train_path: the checkpoint trained on sources of {_counts(saved)} (kept/drawn samples) and this "
+                f"run has {_counts(current)}: resuming at its data position would replay or skip samples; give it the "
+                "checkpoint's data, weights and seed, or start a new run from the exported hf_model/"
+            )
 
     @property
     def _eval_batch_size(self) -> int:
@@ -277,6 +302,10 @@ class ChatMLDataModule(LightningDataModule):
             collate_fn=partial(collate_prompt_batch, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
+
+
+def _counts(fingerprint: list) -> str:
+    return ", ".join(f"{kept}/{drawn}" for kept, drawn in fingerprint)
 
 
 def _padding_fraction(plan: StepPlan) -> float:

@@ -2,9 +2,10 @@
 
 Importing Lightning (with torch, transformers and torchmetrics) takes 5-10 s; the commonest mistakes, a missing
 config file, data file or model folder, are answered in a fraction of a second. The values checked are the
-ones the command will use (the ``--config`` files in order, then the ``--model.*`` and ``--data.*`` options),
-and the checks are the functions the full path runs later, so the line is the same either way. A value this
-reader cannot be sure of (a section given as a file or a dict, a glob, a hub name) is left to the full path.
+ones the command will use (the ``--config`` files in order, then the ``--model.*`` and ``--data.*`` options;
+each path of a list of data sources), and the checks are the functions the full path runs later, so the line is
+the same either way. A value this reader cannot be sure of (a section given as a file or a dict, a glob, a hub
+name) is left to the full path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from sft_lightning.errors import ConfigError, check_local_source
-from sft_lightning.records import require_file
+from sft_lightning.sources import GLOB_CHARACTERS, require_source
 
 # The data files each verb reads.
 VERB_DATA = {"fit": ("train_path", "val_path"), "validate": ("val_path",), "test": ("test_path",),
@@ -29,9 +30,11 @@ def preflight(argv: list[str]) -> None:
     if settings is None:
         return
     for name in VERB_DATA[argv[0]]:
-        path = settings["data"].get(name)
-        if isinstance(path, str) and not any(char in path for char in "*?["):
-            require_file(path)
+        value = settings["data"].get(name)
+        for source in value if isinstance(value, list) else [value]:
+            path = source.get("path") if isinstance(source, dict) else source
+            if isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "[{"):
+                require_source(path)
     model = settings["model"].get("model_name_or_path")
     if isinstance(model, str):
         check_local_source(model, "model")

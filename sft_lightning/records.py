@@ -1,7 +1,7 @@
-"""Read chat conversations from JSON or JSONL and validate them.
+"""Read chat conversations from JSON, JSONL, Parquet or a ``datasets`` folder and validate them.
 
-Every problem is a :class:`DataError` whose message is one line naming the file, the 1-based line (JSONL)
-or record (JSON array) and what is wrong, so a bad row costs the user seconds.
+Every problem is a :class:`DataError` whose message is one line naming the file, the 1-based line (JSONL),
+record (JSON array) or row (Parquet, ``datasets``) and what is wrong, so a bad row costs the user seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format, to_chatml
+from sft_lightning.sources import is_table, require_source
 
 # What a reader does with an invalid conversation: stop with its file and line, or leave it out and count it.
 OnInvalid = Literal["error", "skip"]
@@ -33,13 +34,6 @@ class Record:
     tools: Optional[list[dict]] = None  # function schemas the conversation may call, rendered by the template
 
 
-def require_file(path: str) -> Path:
-    """``path`` as a Path, or the one-line error every reader of a data file gives when it is missing."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
-    return Path(path)
-
-
 def read_records(
     path: str | Path, require_assistant: bool = True, skipped: Optional[Counter] = None, format: Format = "auto"
 ) -> list[Record]:
@@ -47,21 +41,15 @@ def read_records(
 
     Args:
         path: a JSON array of objects or a JSONL file, each object holding ``messages`` (or, per ``format``, a
-            ShareGPT or Alpaca row, converted by :mod:`sft_lightning.formats`).
+            ShareGPT or Alpaca row, converted by :mod:`sft_lightning.formats`); or the same rows in a Parquet
+            file or a ``datasets`` ``save_to_disk`` folder.
         require_assistant: training data needs an assistant turn; prediction inputs may end with the user.
         skipped: None: the first invalid conversation raises. A Counter: invalid conversations (and unparsable
             JSONL lines) are left out and counted in it by reason. A file that cannot be read at all still raises.
     """
-    path = require_file(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 ({err.reason})") from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
+    path = require_source(str(path))
     records = []
-    for location, row in _parse_rows(path, text, skipped):
+    for location, row in _table_rows(path) if is_table(path) else _parse_rows(path, _text(path), skipped):
         try:
             row = to_chatml(row, format, location)
             records.append(Record(location, validate_messages(row, location, require_assistant), validate_tools(row, location)))
@@ -73,6 +61,33 @@ def read_records(
         left_out = f" ({sum(skipped.values())} invalid ones skipped)" if skipped else ""
         raise DataError(f"{path}: the file holds no conversation{left_out}")
     return records
+
+
+def _text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid UTF-8 ({err.reason})") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+def _table_rows(path: Path) -> list[tuple[str, Any]]:
+    """The rows of a Parquet file or a ``save_to_disk`` folder as Python objects, located by 1-based row."""
+    try:
+        import datasets
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet files and datasets folders needs the datasets package: "
+                        "pip install 'sft-lightning[datasets]'") from None
+    try:
+        table = datasets.load_from_disk(str(path)).data.table if path.is_dir() else pyarrow.parquet.read_table(path)
+    except (OSError, ValueError, TypeError) as err:  # pyarrow's errors derive from these
+        raise DataError(f"{path}: not readable as {'a datasets folder' if path.is_dir() else 'Parquet'} "
+                        f"({' '.join(str(err).split())})") from None
+    return [(f"{path}: row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)]
 
 
 def skip_reason(err: Exception, location: str) -> str:

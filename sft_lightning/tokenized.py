@@ -29,7 +29,8 @@ from rich.progress import Progress
 from sft_lightning import formats, records, render
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
-from sft_lightning.records import OnInvalid, Record, read_records, require_file
+from sft_lightning.records import OnInvalid, Record, read_records
+from sft_lightning.sources import require_source
 from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn, has_system_role, training_samples
 
 ARRAYS = ("input_ids", "labels", "offsets")
@@ -76,29 +77,7 @@ class TokenizedSplit:
         return tuple((supervised[self.offsets[1:]] - supervised[self.offsets[:-1] + 1]).tolist())
 
     def summary(self, name: str) -> str:
-        why = ", ".join(f"{count} {reason}" for reason, count in self.dropped.items()) or "none"
-        return (
-            f"{name} ({self.path}{', cached' if self.from_cache else ''}): {self.read} conversations read, "
-            f"{sum(self.dropped.values())} dropped ({why}), {self.truncated} truncated, {len(self)} kept"
-            f"{self._expansion}{self._merged}, "
-            f"{sum(self.supervised_tokens)} supervised tokens, mean length {len(self.input_ids) / max(len(self), 1):.1f} tokens"
-        )
-
-    @property
-    def _expansion(self) -> str:
-        counted = [
-            (self.expanded, "as one sample per assistant turn: the template renders earlier turns differently inside "
-                            "later prompts"),
-            (self.boundary, "tokenised prompt by prompt: a token would merge across a prompt/answer boundary if the "
-                            "whole text were tokenised at once"),
-        ]
-        return "".join(f" ({count} conversations {why})" for count, why in counted if count)
-
-    @property
-    def _merged(self) -> str:
-        if not self.merged_system:
-            return ""
-        return f" ({self.merged_system} system messages merged into the first user turn: the template has no system role)"
+        return split_summary(name, self)
 
     def save(self, folder: Path) -> None:
         for name in ARRAYS:
@@ -111,6 +90,25 @@ class TokenizedSplit:
     def load(cls, folder: Path) -> "TokenizedSplit":
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         return cls(**arrays, **json.loads((folder / "meta.json").read_text()), from_cache=True)
+
+
+def split_summary(name: str, split) -> str:
+    """The setup summary line of a tokenised file, or of a source's files together (the same counts)."""
+    why = ", ".join(f"{count} {reason}" for reason, count in split.dropped.items()) or "none"
+    expansion = "".join(f" ({count} conversations {what})" for count, what in [
+        (split.expanded, "as one sample per assistant turn: the template renders earlier turns differently inside "
+                         "later prompts"),
+        (split.boundary, "tokenised prompt by prompt: a token would merge across a prompt/answer boundary if the "
+                         "whole text were tokenised at once"),
+    ] if count)
+    merged = (f" ({split.merged_system} system messages merged into the first user turn: the template has no system "
+              "role)" if split.merged_system else "")
+    return (
+        f"{name} ({split.path}{', cached' if split.from_cache else ''}): {split.read} conversations read, "
+        f"{sum(split.dropped.values())} dropped ({why}), {split.truncated} truncated, {len(split)} kept"
+        f"{expansion}{merged}, "
+        f"{sum(split.supervised_tokens)} supervised tokens, mean length {sum(split.lengths) / max(len(split), 1):.1f} tokens"
+    )
 
 
 def tokenize_split(
@@ -157,14 +155,13 @@ class RenderSettings(NamedTuple):
 
 
 def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
-    require_file(path)
+    found = require_source(path)
     digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as data:
-            for block in iter(lambda: data.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the file: {err.strerror or err}") from None
+    # A save_to_disk folder: every file in it, by name and content.
+    for file in sorted(found.rglob("*")) if found.is_dir() else [found]:
+        if file.is_file():
+            digest.update(str(file.relative_to(found)).encode() if found.is_dir() else b"")
+            _hash_file(file, digest)
     for part in (
         tokenizer.backend_tokenizer.to_str(),
         tokenizer.chat_template,
@@ -174,6 +171,15 @@ def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
     ):
         digest.update(str(part).encode())
     return digest.hexdigest()[:24]
+
+
+def _hash_file(path: Path, digest) -> None:
+    try:
+        with open(path, "rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file: {err.strerror or err}") from None
 
 
 def _tokenize(path: str, tokenizer, settings: RenderSettings, workers: Optional[int]) -> TokenizedSplit:

@@ -41,8 +41,8 @@ def test_second_run_reads_the_cache_without_tokenising(tokenizer, tmp_path, monk
     monkeypatch.setattr(tokenized, "training_samples", no_rendering)
     second = ChatMLDataModule(train_path=DATA, tokenizer_path=TINY_QWEN, max_length=256, cache_dir=str(tmp_path))
     second.setup("fit")
-    cached = second.splits["train"]
-    assert cached.from_cache and "cached" in cached.summary("train")
+    cached = second.splits["train"].sources[0].parts[0]  # the one file of the one source
+    assert cached.from_cache and "cached" in second.splits["train"].summary("train")
     for name in ("input_ids", "labels", "offsets"):
         np.testing.assert_array_equal(getattr(cached, name), getattr(first, name))
     assert (cached.read, cached.truncated, cached.dropped) == (first.read, first.truncated, first.dropped)

@@ -1,0 +1,165 @@
+"""A split drawn from several sources: how many samples each gives per epoch, which ones, and the summary.
+
+The draw is a pure function of the sources' sizes, their weights or counts and ``data.seed``, so every rank and
+a resumed run draw the same samples. It is drawn once per run, like ``datasets.interleave_datasets`` (a
+subsampled source trains on the same subset every epoch; another seed draws another); each epoch then shuffles
+the drawn samples (:class:`~sft_lightning.sampling.StepPlan`), packed or not, across sources.
+
+The unit is the training sample: a conversation, or one turn of it under a template that rewrites earlier turns
+(the setup summary counts those).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from typing import Optional
+
+import numpy as np
+
+from sft_lightning.errors import DataError
+from sft_lightning.sources import Source
+from sft_lightning.tokenized import TokenizedSplit, split_summary
+
+
+def quotas(sizes: list[int], weights: list[Optional[float]], counts: list[Optional[int]]) -> list[int]:
+    """Samples per epoch from each source: its count when given; its share of the weighted sources' combined
+    size when weighted (largest remainders, so the shares add up exactly); else its size (every sample once)."""
+    result = [count if count is not None else size for size, count in zip(sizes, counts)]
+    weighted = [i for i, weight in enumerate(weights) if weight is not None]
+    if not weighted:
+        return result
+    total, weight_sum = sum(sizes[i] for i in weighted), sum(weights[i] for i in weighted)
+    exact = {i: weights[i] / weight_sum * total for i in weighted}
+    for i in weighted:
+        result[i] = math.floor(exact[i])
+    by_remainder = sorted(weighted, key=lambda i: (math.floor(exact[i]) - exact[i], i))
+    for i in by_remainder[: total - sum(result[i] for i in weighted)]:
+        result[i] += 1
+    return result
+
+
+def draw(size: int, quota: int, seed: int, source_index: int) -> np.ndarray:
+    """``quota`` indices into a source of ``size`` samples: every sample ``quota // size`` times, then a seeded
+    choice of the rest without repeats; sorted, so the draw reads the source in order."""
+    whole, rest = divmod(quota, size)
+    chosen = np.random.default_rng([seed, source_index]).permutation(size)[:rest] if rest else np.array([], np.int64)
+    return np.sort(np.concatenate([np.tile(np.arange(size), whole), chosen])).astype(np.int64)
+
+
+class SampleSet:
+    """Tokenised files read as one sequence of samples: all of them in order, or those at ``picks`` (repeats
+    allowed). What the plan, the packer and the loaders read (as they would one :class:`TokenizedSplit`)."""
+
+    def __init__(self, parts: list[TokenizedSplit], picks: Optional[np.ndarray] = None) -> None:
+        self.parts = parts
+        part = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+        local = np.concatenate([np.arange(len(p)) for p in parts])
+        self._part, self._local = (part, local) if picks is None else (part[picks], local[picks])
+
+    def __len__(self) -> int:
+        return len(self._part)
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.parts[self._part[index]].sample(self._local[index])
+
+    def _gather(self, values: list[tuple[int, ...]]) -> tuple[int, ...]:
+        starts = np.cumsum([0] + [len(v) for v in values[:-1]])
+        return tuple(np.concatenate(values)[starts[self._part] + self._local].tolist())
+
+    @cached_property
+    def lengths(self) -> tuple[int, ...]:
+        return self._gather([p.lengths for p in self.parts])
+
+    @cached_property
+    def supervised_tokens(self) -> tuple[int, ...]:
+        return self._gather([p.supervised_tokens for p in self.parts])
+
+
+class SourceSamples(SampleSet):
+    """One source's kept samples (all its files), with their reading counts summed, and the indices drawn."""
+
+    def __init__(self, source: Source, parts: list[TokenizedSplit], drawn: np.ndarray) -> None:
+        super().__init__(parts)
+        self.source, self.drawn = source, drawn
+        self.path = source.path if len(parts) == 1 else f"{source.path}: {len(parts)} files"
+        for name in ("read", "truncated", "expanded", "boundary", "merged_system"):
+            setattr(self, name, sum(getattr(p, name) for p in parts))
+        self.dropped = {}
+        for part in parts:
+            for reason, count in part.dropped.items():
+                self.dropped[reason] = self.dropped.get(reason, 0) + count
+        self.from_cache = all(p.from_cache for p in parts)
+
+    def summary(self, name: str) -> str:
+        return split_summary(name, self)
+
+
+class Mixture(SampleSet):
+    """A split as trained on: the samples drawn from each source (:attr:`sources`), one after another."""
+
+    def __init__(self, sources: list[Source], parts: list[list[TokenizedSplit]], seed: int) -> None:
+        sizes = [sum(len(p) for p in files) for files in parts]
+        planned = quotas(sizes, [s.weight for s in sources], [s.conversations for s in sources])
+        for source, quota in zip(sources, planned):
+            if quota == 0:
+                raise DataError(f"{source.path}: weight {source.weight} is too small to draw a single sample")
+        self.seed = seed
+        self.sources = [
+            SourceSamples(source, files, draw(size, quota, seed, i))
+            for i, (source, files, size, quota) in enumerate(zip(sources, parts, sizes, planned))
+        ]
+        starts = np.cumsum([0] + sizes[:-1])
+        super().__init__([p for files in parts for p in files],
+                         np.concatenate([start + s.drawn for start, s in zip(starts, self.sources)]))
+
+    @property
+    def mixed(self) -> bool:
+        """More than one source, or one drawn otherwise than every sample once."""
+        return len(self.sources) > 1 or len(self.sources[0].drawn) != len(self.sources[0])
+
+    def fingerprint(self) -> list[list[int]]:
+        """(kept, drawn) samples of each source: what a saved data position counts over."""
+        return [[len(s), len(s.drawn)] for s in self.sources]
+
+    def summary(self, name: str) -> str:
+        """The setup summary: each source as read, then (for a real mixture) its share planned and drawn."""
+        if len(self.sources) == 1 and len(self.sources[0].parts) == 1 and not self.mixed:
+            return split_summary(name, self.sources[0])
+        lines = [s.summary(f"{name} source {i + 1}/{len(self.sources)}") for i, s in enumerate(self.sources)]
+        total_tokens = sum(self.supervised_tokens)
+        lines.append(f"{name} mixture (drawn once from data.seed {self.seed}, shuffled each epoch): {len(self)} samples "
+                     f"per epoch, {total_tokens} supervised tokens")
+        expected = [len(s.drawn) * sum(s.supervised_tokens) / len(s) for s in self.sources]
+        for i, (source, tokens_planned) in enumerate(zip(self.sources, expected)):
+            tokens = sum(source.supervised_tokens[j] for j in source.drawn)
+            lines.append(
+                f"  {i + 1} {source.source.path} ({_share_setting(source.source)}): samples {_planned_share(source, self)} "
+                f"planned, {len(source.drawn)} drawn = {len(source.drawn) / len(self):.1%} ({_repeats(source)}); "
+                f"supervised tokens {tokens_planned / sum(expected):.1%} planned, {tokens} drawn = "
+                f"{tokens / max(total_tokens, 1):.1%}"
+            )
+        return "\n".join(lines)
+
+
+def _share_setting(source: Source) -> str:
+    if source.weight is not None:
+        return f"weight {source.weight:g}"
+    return f"{source.conversations} conversations" if source.conversations is not None else "every sample once"
+
+
+def _planned_share(source: SourceSamples, mixture: Mixture) -> str:
+    """The share the settings ask for, before rounding to whole samples."""
+    weighted = [s for s in mixture.sources if s.source.weight is not None]
+    if source.source.weight is None:
+        return f"{len(source.drawn) / len(mixture):.1%}"
+    weighted_size = sum(len(s.drawn) for s in weighted)
+    exact = source.source.weight / sum(s.source.weight for s in weighted) * weighted_size
+    return f"{exact / len(mixture):.1%}"
+
+
+def _repeats(source: SourceSamples) -> str:
+    times = np.bincount(source.drawn, minlength=len(source))
+    if times.max() <= 1:
+        return f"{int((times == 1).sum())} of {len(source)} kept, none twice"
+    return f"from {len(source)} kept, each {int(times.min())}-{int(times.max())} times"

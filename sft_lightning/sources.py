@@ -1,0 +1,105 @@
+"""Where a split's conversations come from: one path, or a list of sources mixed by weight.
+
+A source is a path (a JSON/JSONL or Parquet file, a glob of them, or a folder written by ``datasets``'
+``save_to_disk``), or ``{path, weight | conversations, format}``. Values stay plain strings and dicts, so they
+travel through the CLI, YAML, ``hparams.yaml`` and checkpoints as they were written.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import NamedTuple, Optional, TypedDict, Union
+
+from typing_extensions import NotRequired
+
+from sft_lightning.errors import DataError
+from sft_lightning.formats import Format
+
+# What marks a folder written by datasets' save_to_disk (one split: Dataset, not DatasetDict).
+DATASET_FOLDER_FILES = ("state.json", "dataset_info.json")
+GLOB_CHARACTERS = "*?["
+
+
+class DataSource(TypedDict):
+    """One source of a mixture.
+
+    path: a JSON/JSONL or Parquet file, a glob of them, or a ``datasets`` ``save_to_disk`` folder.
+    weight: the source's share of each epoch's samples, relative to the other weighted sources (which together
+        keep the size they have); a smaller source repeats, a larger one is subsampled.
+    conversations: instead of a weight, exactly this many samples per epoch (repeating or subsampling).
+    format: row shape of this source (``auto``, ``chatml``, ``sharegpt``, ``alpaca``); default ``data.format``.
+    """
+
+    path: str
+    weight: NotRequired[float]
+    conversations: NotRequired[int]
+    format: NotRequired[Format]
+
+
+Sources = Union[str, list[Union[str, DataSource]]]
+
+
+class Source(NamedTuple):
+    """A source as the data module uses it: its files resolved, its share given by weight or count (or neither:
+    every sample once)."""
+
+    path: str  # as written
+    files: tuple[Path, ...]
+    format: Format
+    weight: Optional[float] = None
+    conversations: Optional[int] = None
+
+
+def resolve_sources(value: Sources, option: str, default_format: Format) -> list[Source]:
+    """The sources of ``data.<option>``, each with its files, or a one-line :class:`DataError`."""
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise DataError(f"data.{option}: an empty list of sources")
+    sources = []
+    for item in items:
+        source = {"path": item} if isinstance(item, str) else item
+        path = source["path"]
+        if path.lstrip().startswith(("[", "{")):
+            # The CLI keeps a value it cannot read as sources as a string (a misspelt key, say).
+            raise DataError(f"data.{option}: {path!r} is not a list of sources (each a path, or a path with one of "
+                            "weight and conversations and an optional format)")
+        weight, count = source.get("weight"), source.get("conversations")
+        if weight is not None and count is not None:
+            raise DataError(f"data.{option}: {path}: give a weight or a number of conversations, not both")
+        if (weight is not None and not weight > 0) or (count is not None and count < 1):
+            raise DataError(f"data.{option}: {path}: weight and conversations must be positive")
+        sources.append(Source(path, source_files(path), source.get("format", default_format), weight, count))
+    return sources
+
+
+def source_files(path: str) -> tuple[Path, ...]:
+    """The files a source path names: itself, or its glob's matches in sorted order (one-line error if none)."""
+    if not any(char in path for char in GLOB_CHARACTERS):
+        return (require_source(path),)
+    matches = sorted(Path(match) for match in glob.glob(path, recursive=True))
+    if not matches:
+        raise DataError(f"{path}: matches no file")
+    return tuple(require_source(str(match)) for match in matches)
+
+
+def require_source(path: str) -> Path:
+    """``path`` as a Path when it is a data file or a ``save_to_disk`` folder; else the one-line error every
+    reader of data gives."""
+    found = Path(path)
+    if found.is_file():
+        return found
+    if not found.is_dir():
+        raise DataError(f"{path}: no such file")
+    if (found / "dataset_dict.json").is_file():
+        splits = sorted(child.name for child in found.iterdir() if (child / "state.json").is_file())
+        raise DataError(f"{path}: a DatasetDict folder; name one of its splits ({', '.join(splits) or 'none'}), "
+                        f"e.g. {found / (splits[0] if splits else 'train')}")
+    if not all((found / name).is_file() for name in DATASET_FOLDER_FILES):
+        raise DataError(f"{path}: a folder, but not one written by datasets' save_to_disk (no state.json)")
+    return found
+
+
+def is_table(path: Path) -> bool:
+    """Read through ``datasets``/pyarrow rather than as JSON text: a Parquet file or a ``save_to_disk`` folder."""
+    return path.is_dir() or path.suffix == ".parquet"
