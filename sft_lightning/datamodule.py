@@ -66,8 +66,8 @@ class ChatMLDataModule(LightningDataModule):
             train_path: training conversations: a JSON/JSONL/Parquet file, a glob of them, a folder written by
                 ``datasets``' ``save_to_disk``, or a list of such sources, each a path or ``{path, weight,
                 conversations, format}``: ``weight`` is the source's share of each epoch among the weighted
-                sources (a smaller source repeats, a larger one is subsampled; drawn once from ``seed``),
-                ``conversations`` a fixed number per epoch, ``format`` the source's own row shape.
+                sources (a share above the source's size repeats samples, one below it subsamples; drawn once
+                from ``seed``), ``conversations`` a fixed number per epoch, ``format`` the source's own row shape.
             val_path: validation conversations (``val_loss``, ``val_ppl``, ``val_acc``); sources as for training.
             test_path: test conversations (``test_loss``, ...); sources as for training.
             predict_path: conversations to answer (one file or ``datasets`` folder); each ends with a user turn,
@@ -272,15 +272,18 @@ class ChatMLDataModule(LightningDataModule):
             self._train_loader.load_state_dict(self._position)
         return self._train_loader
 
-    def _check_same_mixture(self, saved: Optional[list]) -> None:
+    def _check_same_mixture(self, saved: Optional[dict]) -> None:
         """A data position means something only over the samples it was counted on."""
         current = self.splits["train"].fingerprint()
-        if saved is not None and [list(s) for s in saved] != current:
-            raise DataError(
-                f"data.train_path: the checkpoint trained on sources of {_counts(saved)} (kept/drawn samples) and this "
-                f"run has {_counts(current)}: resuming at its data position would replay or skip samples; give it the "
-                "checkpoint's data, weights and seed, or start a new run from the exported hf_model/"
-            )
+        if saved is None or saved == current:
+            return
+        counts = [list(c) for c in saved["counts"]]
+        what = (f"sources of {_counts(counts)} (kept/drawn samples) and this run has {_counts(current['counts'])}"
+                if counts != current["counts"] else "other samples in the same counts (edited data, or another data.seed)")
+        raise DataError(
+            f"data.train_path: the checkpoint trained on {what}: resuming at its data position would replay or skip "
+            "samples; give it the checkpoint's data, weights and seed, or start a new run from the exported hf_model/"
+        )
 
     @property
     def _eval_batch_size(self) -> int:

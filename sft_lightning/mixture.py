@@ -2,8 +2,9 @@
 
 The draw is a pure function of the sources' sizes, their weights or counts and ``data.seed``, so every rank and
 a resumed run draw the same samples. It is drawn once per run, like ``datasets.interleave_datasets`` (a
-subsampled source trains on the same subset every epoch; another seed draws another); each epoch then shuffles
-the drawn samples (:class:`~sft_lightning.sampling.StepPlan`), packed or not, across sources.
+subsampled source trains on the same subset every epoch; another seed draws another); the drawn samples are then
+batched as one split (:class:`~sft_lightning.sampling.StepPlan`: shuffled across sources each epoch when
+``data.shuffle``; packed into rows once when ``data.packing``).
 
 The unit is the training sample: a conversation, or one turn of it under a template that rewrites earlier turns
 (the setup summary counts those).
@@ -11,6 +12,7 @@ The unit is the training sample: a conversation, or one turn of it under a templ
 
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import cached_property
 from typing import Optional
@@ -40,11 +42,12 @@ def quotas(sizes: list[int], weights: list[Optional[float]], counts: list[Option
 
 
 def draw(size: int, quota: int, seed: int, source_index: int) -> np.ndarray:
-    """``quota`` indices into a source of ``size`` samples: every sample ``quota // size`` times, then a seeded
-    choice of the rest without repeats; sorted, so the draw reads the source in order."""
+    """``quota`` indices into a source of ``size`` samples: the whole source in order ``quota // size`` times, then
+    a seeded choice of the rest without repeats, in order (so repeats of a sample are never neighbours)."""
     whole, rest = divmod(quota, size)
-    chosen = np.random.default_rng([seed, source_index]).permutation(size)[:rest] if rest else np.array([], np.int64)
-    return np.sort(np.concatenate([np.tile(np.arange(size), whole), chosen])).astype(np.int64)
+    rng = np.random.default_rng([seed % 2**63, source_index])  # numpy takes no negative seed; torch did
+    chosen = np.sort(rng.permutation(size)[:rest]) if rest else np.array([], np.int64)
+    return np.concatenate([np.tile(np.arange(size), whole), chosen]).astype(np.int64)
 
 
 class SampleSet:
@@ -118,9 +121,12 @@ class Mixture(SampleSet):
         """More than one source, or one drawn otherwise than every sample once."""
         return len(self.sources) > 1 or len(self.sources[0].drawn) != len(self.sources[0])
 
-    def fingerprint(self) -> list[list[int]]:
-        """(kept, drawn) samples of each source: what a saved data position counts over."""
-        return [[len(s), len(s.drawn)] for s in self.sources]
+    def fingerprint(self) -> dict:
+        """What a saved data position counts over: each source's kept and drawn samples, and a digest of the
+        samples drawn (their order and lengths: another seed, or edited data, changes it)."""
+        digest = hashlib.sha256(np.asarray(self.lengths, np.int64).tobytes())
+        digest.update(np.concatenate([s.drawn for s in self.sources]).tobytes())
+        return {"counts": [[len(s), len(s.drawn)] for s in self.sources], "digest": digest.hexdigest()[:16]}
 
     def summary(self, name: str) -> str:
         """The setup summary: each source as read, then (for a real mixture) its share planned and drawn."""
@@ -128,8 +134,8 @@ class Mixture(SampleSet):
             return split_summary(name, self.sources[0])
         lines = [s.summary(f"{name} source {i + 1}/{len(self.sources)}") for i, s in enumerate(self.sources)]
         total_tokens = sum(self.supervised_tokens)
-        lines.append(f"{name} mixture (drawn once from data.seed {self.seed}, shuffled each epoch): {len(self)} samples "
-                     f"per epoch, {total_tokens} supervised tokens")
+        lines.append(f"{name} mixture (drawn once from data.seed {self.seed}): {len(self)} samples per epoch, "
+                     f"{total_tokens} supervised tokens")
         expected = [len(s.drawn) * sum(s.supervised_tokens) / len(s) for s in self.sources]
         for i, (source, tokens_planned) in enumerate(zip(self.sources, expected)):
             tokens = sum(source.supervised_tokens[j] for j in source.drawn)
@@ -145,7 +151,7 @@ class Mixture(SampleSet):
 def _share_setting(source: Source) -> str:
     if source.weight is not None:
         return f"weight {source.weight:g}"
-    return f"{source.conversations} conversations" if source.conversations is not None else "every sample once"
+    return f"conversations {source.conversations}" if source.conversations is not None else "every sample once"
 
 
 def _planned_share(source: SourceSamples, mixture: Mixture) -> str:

@@ -84,7 +84,7 @@ def _table_rows(path: Path) -> list[tuple[str, Any]]:
                         "pip install 'sft-lightning[datasets]'") from None
     try:
         table = datasets.load_from_disk(str(path)).data.table if path.is_dir() else pyarrow.parquet.read_table(path)
-    except (OSError, ValueError, TypeError) as err:  # pyarrow's errors derive from these
+    except (OSError, ValueError, TypeError, KeyError) as err:  # pyarrow's errors derive from these; KeyError: state.json
         raise DataError(f"{path}: not readable as {'a datasets folder' if path.is_dir() else 'Parquet'} "
                         f"({' '.join(str(err).split())})") from None
     return [(f"{path}: row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)]

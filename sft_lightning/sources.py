@@ -8,6 +8,8 @@ travel through the CLI, YAML, ``hparams.yaml`` and checkpoints as they were writ
 from __future__ import annotations
 
 import glob
+import math
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional, TypedDict, Union
 
@@ -26,8 +28,10 @@ class DataSource(TypedDict):
 
     path: a JSON/JSONL or Parquet file, a glob of them, or a ``datasets`` ``save_to_disk`` folder.
     weight: the source's share of each epoch's samples, relative to the other weighted sources (which together
-        keep the size they have); a smaller source repeats, a larger one is subsampled.
-    conversations: instead of a weight, exactly this many samples per epoch (repeating or subsampling).
+        keep the size they have); a source whose share is above its own size repeats samples, one below it is
+        subsampled.
+    conversations: instead of a weight, exactly this many samples per epoch (repeating or subsampling); a sample
+        is a conversation, or one turn of it under a template that rewrites earlier turns.
     format: row shape of this source (``auto``, ``chatml``, ``sharegpt``, ``alpaca``); default ``data.format``.
     """
 
@@ -53,29 +57,40 @@ class Source(NamedTuple):
 
 def resolve_sources(value: Sources, option: str, default_format: Format) -> list[Source]:
     """The sources of ``data.<option>``, each with its files, or a one-line :class:`DataError`."""
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, (str, os.PathLike)) else list(value)
     if not items:
         raise DataError(f"data.{option}: an empty list of sources")
-    sources = []
-    for item in items:
-        source = {"path": item} if isinstance(item, str) else item
-        path = source["path"]
-        if path.lstrip().startswith(("[", "{")):
-            # The CLI keeps a value it cannot read as sources as a string (a misspelt key, say).
-            raise DataError(f"data.{option}: {path!r} is not a list of sources (each a path, or a path with one of "
-                            "weight and conversations and an optional format)")
-        weight, count = source.get("weight"), source.get("conversations")
-        if weight is not None and count is not None:
-            raise DataError(f"data.{option}: {path}: give a weight or a number of conversations, not both")
-        if (weight is not None and not weight > 0) or (count is not None and count < 1):
-            raise DataError(f"data.{option}: {path}: weight and conversations must be positive")
-        sources.append(Source(path, source_files(path), source.get("format", default_format), weight, count))
+    sources = [_source(item, option, default_format) for item in items]
+    weighted = [s for s in sources if s.weight is not None]
+    if len(weighted) == 1 and len(sources) > 1:
+        raise DataError(f"data.{option}: {weighted[0].path}: a weight shares the epoch among the weighted sources and "
+                        "this is the only one, so it would change nothing: weight the others too, or give conversations")
     return sources
 
 
+def _source(item: Union[str, os.PathLike, DataSource], option: str, default_format: Format) -> Source:
+    source = {"path": os.fspath(item)} if isinstance(item, (str, os.PathLike)) else item
+    unknown = set(source) - set(DataSource.__annotations__) if isinstance(source, dict) else None
+    if unknown is None or unknown or not isinstance(source.get("path"), (str, os.PathLike)):
+        raise DataError(f"data.{option}: {item!r} is not a source (a path, or a path with one of weight and "
+                        "conversations and an optional format)")
+    path = os.fspath(source["path"])
+    if path.lstrip().startswith(("[", "{")):
+        # The CLI keeps a value it cannot read as sources as a string (a misspelt key, say).
+        raise DataError(f"data.{option}: {path!r} is not a list of sources (each a path, or a path with one of "
+                        "weight and conversations and an optional format)")
+    weight, count = source.get("weight"), source.get("conversations")
+    if weight is not None and count is not None:
+        raise DataError(f"data.{option}: {path}: give a weight or a number of conversations, not both")
+    if (weight is not None and not 0 < weight < math.inf) or (count is not None and count < 1):
+        raise DataError(f"data.{option}: {path}: weight and conversations must be positive (and finite)")
+    return Source(path, source_files(path), source.get("format", default_format), weight, count)
+
+
 def source_files(path: str) -> tuple[Path, ...]:
-    """The files a source path names: itself, or its glob's matches in sorted order (one-line error if none)."""
-    if not any(char in path for char in GLOB_CHARACTERS):
+    """The files a source path names: itself (even when its name holds ``[`` or ``*``), or its glob's matches in
+    sorted order (one-line error if none)."""
+    if Path(path).exists() or not any(char in path for char in GLOB_CHARACTERS):
         return (require_source(path),)
     matches = sorted(Path(match) for match in glob.glob(path, recursive=True))
     if not matches:
@@ -95,8 +110,9 @@ def require_source(path: str) -> Path:
         splits = sorted(child.name for child in found.iterdir() if (child / "state.json").is_file())
         raise DataError(f"{path}: a DatasetDict folder; name one of its splits ({', '.join(splits) or 'none'}), "
                         f"e.g. {found / (splits[0] if splits else 'train')}")
-    if not all((found / name).is_file() for name in DATASET_FOLDER_FILES):
-        raise DataError(f"{path}: a folder, but not one written by datasets' save_to_disk (no state.json)")
+    missing = [name for name in DATASET_FOLDER_FILES if not (found / name).is_file()]
+    if missing:
+        raise DataError(f"{path}: a folder, but not one written by datasets' save_to_disk (no {' or '.join(missing)})")
     return found
 
 

@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from rich.progress import Progress
 
-from sft_lightning import formats, records, render
+from sft_lightning import formats, records, render, sources
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.records import OnInvalid, Record, read_records
@@ -167,7 +167,7 @@ def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
         tokenizer.chat_template,
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
         repr(tuple(settings)),
-        *(inspect.getsource(module) for module in (formats, records, render, sys.modules[__name__])),
+        *(inspect.getsource(module) for module in (formats, records, render, sources, sys.modules[__name__])),
     ):
         digest.update(str(part).encode())
     return digest.hexdigest()[:24]

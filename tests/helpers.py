@@ -16,6 +16,15 @@ from tests.conftest import ROOT, TINY_QWEN
 
 TRAIN = str(ROOT / "data" / "chatml_data.json")
 
+# ShareGPT rows: a multi-turn one, a top-level system, a system turn (test_data, test_mixture).
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+                       {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]},
+    {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hey"},
+                       {"from": "gpt", "value": "Hey there."}]},
+]
+
 
 class GradientRecorder(L.Callback):
     """Rank 0 saves the gradient each optimizer step is about to apply (already all-reduced under DDP) to a

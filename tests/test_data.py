@@ -13,14 +13,8 @@ from sft_lightning.records import read_records
 from sft_lightning.render import load_tokenizer
 from sft_lightning.tokenized import tokenize_split
 from tests.conftest import ROOT, TINY_QWEN
+from tests.helpers import SHAREGPT
 
-SHAREGPT = [
-    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
-                       {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye."}]},
-    {"system": "Be brief.", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
-    {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hey"},
-                       {"from": "gpt", "value": "Hey there."}]},
-]
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
     {"instruction": "Say hi.", "input": "", "output": "Hi!"},

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 
 import sft_lightning.module as module_py
 from sft_lightning.cli import cli_main
-from tests.conftest import TINY_LLAMA, TINY_QWEN, cli_fit
+from tests.conftest import TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
 
 pytestmark = pytest.mark.slow
 PRESETS = {"qwen2": ("qwen2.5-7b.yaml", TINY_QWEN), "llama": ("llama3-8b.yaml", TINY_LLAMA)}
@@ -56,15 +56,20 @@ class LoadRecorder(L.Callback):
             json.dump(record, file)
 
 
-def fit(preset: str, model: str, root, *extra: str) -> subprocess.CompletedProcess:
-    """A shipped preset run on this CPU with a tiny model of the same architecture and the repo's small data."""
-    return cli_fit(
-        preset, root, "--trainer.accelerator=cpu", "--trainer.num_nodes=1", "--trainer.precision=32-true",
+def on_cpu(model: str, *extra: str) -> list[str]:
+    """Options that run a shipped preset on this CPU with a tiny model of the same architecture and the repo's
+    small data."""
+    return [
+        "--trainer.accelerator=cpu", "--trainer.num_nodes=1", "--trainer.precision=32-true",
         f"--model.model_name_or_path={model}", "--model.learning_rate=1e-3", "--data.max_length=128",
         "--data.num_workers=0", "--trainer.max_steps=20", "--trainer.max_epochs=-1", "--checkpoint.every_n_train_steps=5",
         "--trainer.val_check_interval=1.0",  # the preset's 0.25 would validate (and save) about every step here
         *extra,
-    )
+    ]
+
+
+def fit(preset: str, model: str, root, *extra: str) -> subprocess.CompletedProcess:
+    return cli_fit(preset, root, *on_cpu(model, *extra))
 
 
 def exported(ckpt, folder) -> dict[str, torch.Tensor]:
@@ -94,8 +99,7 @@ def test_fsdp_preset_on_two_processes_resumes_and_equals_one_process(arch, tmp_p
     assert (sharded / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors").is_file()  # fit's own export
 
     single = tmp_path / "single"
-    reference = fit(preset, model, single, "--trainer.devices=1", "--trainer.strategy=auto", "--data.batch_size=4")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    fit_here(preset, single, *on_cpu(model, "--trainer.devices=1", "--trainer.strategy=auto", "--data.batch_size=4"))
     expected = exported(single / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", tmp_path / "single_hf")
     actual = exported(sharded / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", tmp_path / "fsdp_hf")
     initial = load_file(f"{model}/model.safetensors")

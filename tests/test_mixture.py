@@ -20,7 +20,7 @@ from sft_lightning.records import read_records
 from sft_lightning.render import load_tokenizer
 from sft_lightning.tokenized import tokenize_split
 from tests.conftest import ROOT, TINY_QWEN
-from tests.test_data import SHAREGPT
+from tests.helpers import SHAREGPT
 
 SIZES = {"general": 300, "domain": 120, "identity": 40}
 WEIGHTS = {"general": 0.7, "domain": 0.25, "identity": 0.05}
@@ -79,6 +79,9 @@ def test_draw_repeats_a_small_source_subsamples_a_large_one_and_follows_the_seed
     assert not np.array_equal(down, draw(1000, 700, seed=2, source_index=0))
     assert not np.array_equal(down, draw(1000, 700, seed=1, source_index=1))
     assert np.array_equal(draw(50, 50, seed=3, source_index=0), np.arange(50))  # no weight: every sample, in order
+    # Whole passes first, so a sample's repeats are never neighbours (unshuffled data, data check's samples).
+    assert draw(3, 7, seed=3, source_index=0)[:6].tolist() == [0, 1, 2, 0, 1, 2]
+    assert len(draw(1000, 700, seed=-5, source_index=0)) == 700  # a negative data.seed draws too
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
@@ -104,7 +107,8 @@ def test_two_ranks_draw_the_same_mixture_and_share_it_without_overlap(sources):
         data.setup("fit")
         ranks.append((data, [(epoch_sources_of(data, batch), batch.step_supervised_tokens) for batch in data.train_dataloader()]))
     (first, batches0), (second, batches1) = ranks
-    assert first.splits["train"].fingerprint() == second.splits["train"].fingerprint() == [[300, 322], [120, 115], [40, 23]]
+    assert first.splits["train"].fingerprint() == second.splits["train"].fingerprint()
+    assert first.splits["train"].fingerprint()["counts"] == [[300, 322], [120, 115], [40, 23]]
     assert [tokens for _, tokens in batches0] == [tokens for _, tokens in batches1]  # one step denominator
     together = [name for found, _ in batches0 + batches1 for name in found]
     assert {name: together.count(name) for name in SIZES} == {"general": 322, "domain": 115, "identity": 23}
@@ -114,7 +118,7 @@ def test_setup_summary_shows_each_source_planned_and_drawn(sources):
     data = mixed(sources, {"general": 0.7, "domain": 0.3})
     lines = data.splits["train"].summary("train").splitlines()
     assert lines[0].startswith(f"train source 1/2 ({sources['general']}): 300 conversations read, 0 dropped")
-    assert lines[2].startswith("train mixture (drawn once from data.seed 42, shuffled each epoch): 420 samples per epoch, ")
+    assert lines[2].startswith("train mixture (drawn once from data.seed 42): 420 samples per epoch, ")
     assert re.fullmatch(rf"  1 {re.escape(sources['general'])} \(weight 0.7\): samples 70.0% planned, 294 drawn = 70.0% "
                         r"\(294 of 300 kept, none twice\); supervised tokens \d+\.\d% planned, \d+ drawn = \d+\.\d%", lines[3])
     assert re.fullmatch(rf"  2 {re.escape(sources['domain'])} \(weight 0.3\): samples 30.0% planned, 126 drawn = 30.0% "
@@ -130,11 +134,12 @@ def test_changing_a_weight_tokenises_nothing(sources, tmp_path, monkeypatch):
     mixed(sources, cache_dir=str(tmp_path / "cache"))
     monkeypatch.setattr(tokenized, "training_samples", lambda *a, **k: pytest.fail("tokenised again"))
     data = ChatMLDataModule(
-        train_path=[sources["general"], {"path": sources["domain"], "conversations": 500}, {"path": sources["identity"], "weight": 3}],
+        train_path=[{"path": sources["general"], "weight": 1}, {"path": sources["domain"], "conversations": 500},
+                    {"path": sources["identity"], "weight": 3}],
         tokenizer_path=TINY_QWEN, max_length=256, cache_dir=str(tmp_path / "cache"))
     data.setup("fit")
     summary = data.splits["train"].summary("train")
-    assert summary.count(", cached): ") == 3 and len(data.splits["train"]) == 300 + 500 + 40
+    assert summary.count(", cached): ") == 3 and len(data.splits["train"]) == 85 + 500 + 255
 
 
 def test_parquet_and_a_datasets_folder_read_to_the_same_arrays_as_jsonl(tmp_path):
@@ -164,6 +169,14 @@ def test_parquet_and_a_datasets_folder_read_to_the_same_arrays_as_jsonl(tmp_path
     assert f"train source 3/4 ({tmp_path / '*.parquet'}: 2 files)" in data.splits["train"].summary("train")
 
 
+def test_a_path_with_glob_characters_is_read_as_named_when_it_exists(sources, tmp_path):
+    literal = tmp_path / "train[v2].jsonl"
+    literal.write_text(open(sources["identity"]).read())
+    data = ChatMLDataModule(train_path=str(literal), tokenizer_path=TINY_QWEN, max_length=256, cache_dir=None)
+    data.setup("fit")
+    assert len(data.splits["train"]) == 40
+
+
 def test_errors_name_the_source_and_its_row(sources, tmp_path, monkeypatch):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(sources["identity"]).read().replace('"role": "user"', '"role": "bot"', 1))
@@ -178,14 +191,23 @@ def test_errors_name_the_source_and_its_row(sources, tmp_path, monkeypatch):
     problems = {
         str(tmp_path / "none" / "*.jsonl"): f"{tmp_path / 'none' / '*.jsonl'}: matches no file",
         str(tmp_path / "dict"): f"{tmp_path / 'dict'}: a DatasetDict folder; name one of its splits (train), e.g. {tmp_path / 'dict' / 'train'}",
-        str(tmp_path): f"{tmp_path}: a folder, but not one written by datasets' save_to_disk (no state.json)",
+        str(tmp_path): f"{tmp_path}: a folder, but not one written by datasets' save_to_disk (no state.json or dataset_info.json)",
         "[{path: x.jsonl, wieght: 1}]": "data.train_path: '[{path: x.jsonl, wieght: 1}]' is not a list of sources",
     }
     for path, message in problems.items():
         with pytest.raises(DataError, match=f"^{re.escape(message)}"):
             ChatMLDataModule(train_path=[path], tokenizer_path=TINY_QWEN).setup("fit")
-    with pytest.raises(DataError, match=r"^data.train_path: .*general.jsonl: give a weight or a number of conversations, not both$"):
-        ChatMLDataModule(train_path=[{"path": sources["general"], "weight": 1, "conversations": 5}], tokenizer_path=TINY_QWEN).setup("fit")
+    general = sources["general"]
+    mistakes = {
+        "give a weight or a number of conversations, not both": [{"path": general, "weight": 1, "conversations": 5}],
+        "weight and conversations must be positive (and finite)": [{"path": general, "weight": float("inf")}],
+        "a weight shares the epoch among the weighted sources and this is the only one": [{"path": general, "weight": 2}, general],
+    }
+    for message, train in mistakes.items():
+        with pytest.raises(DataError, match=rf"^data.train_path: {re.escape(general)}: {re.escape(message)}"):
+            ChatMLDataModule(train_path=train, tokenizer_path=TINY_QWEN).setup("fit")
+    with pytest.raises(DataError, match=r"^data.train_path: \{'weight': 1\} is not a source"):
+        ChatMLDataModule(train_path=[{"weight": 1}], tokenizer_path=TINY_QWEN).setup("fit")
     with pytest.raises(DataError, match=r"missing.jsonl: no such file$"):  # answered before Lightning is imported
         preflight(["fit", "--data.train_path", f"[{sources['general']}, {{path: missing.jsonl, weight: 1}}]"])
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
@@ -200,7 +222,7 @@ def test_resume_refuses_a_position_counted_on_another_mixture(sources):
     for _ in range(3):  # three micro-batches trained
         loader.count_trained()
     position = trained.state_dict()
-    assert position["micro_batches_done"] == 3 and position["mixture"] == [[300, 322], [120, 115], [40, 23]]
+    assert position["micro_batches_done"] == 3 and position["mixture"]["counts"] == [[300, 322], [120, 115], [40, 23]]
     same = mixed(sources)
     same.load_state_dict(position)
     assert same.train_dataloader().sampler.skipped == 3
@@ -209,6 +231,11 @@ def test_resume_refuses_a_position_counted_on_another_mixture(sources):
     with pytest.raises(DataError, match=r"^data.train_path: the checkpoint trained on sources of 300/322, 120/115, 40/23 "
                                         r"\(kept/drawn samples\) and this run has 300/210, 120/210: resuming"):
         other.train_dataloader()
+    reseeded = mixed(sources, seed=7)
+    reseeded.load_state_dict(position)
+    with pytest.raises(DataError, match=r"^data.train_path: the checkpoint trained on other samples in the same counts "
+                                        r"\(edited data, or another data.seed\): resuming"):
+        reseeded.train_dataloader()
 
 
 def test_data_check_reports_and_checks_each_source(sources, tmp_path, capsys, monkeypatch):

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import final_weights
+from tests.conftest import ACCUMULATE, final_weights
 from tests.conftest import tiny_fit as fit
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ class SignalAtBatch(L.Callback):
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
 def test_signal_saves_at_the_step_boundary_exits_0_and_resumes_exactly(tmp_path, signal_name, uninterrupted_weights):
-    accumulate = ["--trainer.accumulate_grad_batches=2"]
+    accumulate = [ACCUMULATE]  # the uninterrupted run is the resume tests' own
     # Micro-batch 8 is the first half of optimizer step 5: the save must wait for the step to finish.
     preempted = fit(tmp_path / "run", *accumulate, "--trainer.callbacks+=tests.test_preemption.SignalAtBatch",
                     "--trainer.callbacks.batch_idx=8", f"--trainer.callbacks.signal_name={signal_name}")
