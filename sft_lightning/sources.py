@@ -26,13 +26,14 @@ GLOB_CHARACTERS = "*?["
 class DataSource(TypedDict):
     """One source of a mixture.
 
-    path: a JSON/JSONL or Parquet file, a glob of them, or a ``datasets`` ``save_to_disk`` folder.
-    weight: the source's share of each epoch's samples, relative to the other weighted sources (which together
-        keep the size they have); a source whose share is above its own size repeats samples, one below it is
-        subsampled.
-    conversations: instead of a weight, exactly this many samples per epoch (repeating or subsampling); a sample
-        is a conversation, or one turn of it under a template that rewrites earlier turns.
-    format: row shape of this source (``auto``, ``chatml``, ``sharegpt``, ``alpaca``); default ``data.format``.
+    Args:
+        path: a JSON/JSONL or Parquet file, a glob of them, or a folder written by ``datasets``' ``save_to_disk``.
+        weight: the source's share of each epoch's samples among the weighted sources (which together keep the size
+            they have): a share above the source's own size repeats samples, one below it subsamples; drawn once
+            from ``data.seed``.
+        conversations: instead of a weight, exactly this many samples per epoch (a sample is a conversation, or
+            one turn of it under a template that rewrites earlier turns).
+        format: row shape of this source (``auto``, ``chatml``, ``sharegpt``, ``alpaca``); default ``data.format``.
     """
 
     path: str
