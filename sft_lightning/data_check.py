@@ -77,9 +77,10 @@ def check(
         title = f"{split} source {number}/{len(mixture.sources)}: {source.path}" if several else f"{split}: {source.path}"
         records = [r for file in source.source.files for r in read_records(file, skipped=Counter(), format=source.source.format)]
         console.print(statistics(source, title, records, None if several else data.batching(split)))
-        found = checks(source, tokenizer, eot, model_path, data.hparams.max_length)
+        found = checks(source, tokenizer, eot, data.hparams.max_length)
         found += thresholds(source, max_truncated_fraction, max_dropped_fraction)
         outcomes += [o._replace(name=f"source {number}: {o.name}") for o in found] if several else found
+    outcomes.append(generation_check(model_path, eot))
     if several:
         console.print(mixture.summary(split))
         console.print(f"{split} batching: {data.batching(split)}")
@@ -129,7 +130,8 @@ def statistics(tokenized: SampleSet, title: str, records, batching: Optional[Bat
     return table
 
 
-def checks(tokenized: SampleSet, tokenizer, eot: int, model_path: str, max_length: int) -> list[Outcome]:
+def checks(tokenized: SampleSet, tokenizer, eot: int, max_length: int) -> list[Outcome]:
+    """What each sample must hold: every trained span closed by the end-of-turn token, one BOS at most."""
     untrained = [i for i in range(len(tokenized)) if not _every_turn_ends_trained(*tokenized.sample(i), eot, max_length)]
     outcomes = [Outcome(
         "end-of-turn trained in every sample", "fail" if untrained else "pass",
@@ -140,18 +142,22 @@ def checks(tokenized: SampleSet, tokenizer, eot: int, model_path: str, max_lengt
     doubled = [i for i in range(len(tokenized)) if bos is not None and tokenized.sample(i)[0][:2].tolist() == [bos, bos]]
     outcomes.append(Outcome("no double BOS", "fail" if doubled else "pass",
                             f"{len(doubled)} samples start with two BOS tokens" if doubled else "one BOS at most"))
+    return outcomes
+
+
+def generation_check(model_path: str, eot: int) -> Outcome:
+    """The model's own: does generation stop at the end-of-turn token by itself."""
     try:
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
     except OSError:
         eos = None
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     stops = eot in eos
-    outcomes.append(Outcome(
+    return Outcome(
         "generation_config eos includes the end-of-turn token", "pass" if stops else "warn",
         f"eos {eos}" if stops else f"eos {eos or 'not set'} lacks {eot}: generation would not stop by itself; "
         "the hf_model/ that fit exports has it set",
-    ))
-    return outcomes
+    )
 
 
 def _every_turn_ends_trained(ids: np.ndarray, labels: np.ndarray, eot: int, max_length: int) -> bool:
