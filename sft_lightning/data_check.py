@@ -18,11 +18,11 @@ from rich.text import Text
 from transformers import GenerationConfig
 
 from sft_lightning.errors import CheckFailed, DataError, TemplateError
-from sft_lightning.datamodule import Batching
 from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.mixture import SampleSet, SourceSamples
 from sft_lightning.records import read_records
 from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id
+from sft_lightning.sampling import Batching
 
 STAGES = {"train": "fit", "val": "validate", "test": "test"}
 # The trainer is not used here: a GPU or multi-node config is checked on any machine.

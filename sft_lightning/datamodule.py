@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -17,20 +17,9 @@ from sft_lightning.mixture import Mixture
 from sft_lightning.packing import pack_best_fit_decreasing
 from sft_lightning.records import OnInvalid, Record
 from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
-from sft_lightning.sampling import StepPlan, StepPlanSampler
+from sft_lightning.sampling import Batching, StepPlan, StepPlanSampler, padding_fraction
 from sft_lightning.sources import Sources, resolve_sources
 from sft_lightning.tokenized import tokenize_split
-
-
-class Batching(NamedTuple):
-    how: str  # "packed N conversations into M rows of <= L tokens", "grouped by length", or "" (plain)
-    padding: float  # share of the micro-batch tensor slots that hold padding
-    plain_padding: Optional[float]  # the same without packing or grouping; None when batching is plain
-
-    def __str__(self) -> str:
-        if self.plain_padding is None:
-            return f"padding {self.padding:.1%} of the batch tokens"
-        return f"{self.how}; padding {self.padding:.1%} of the batch tokens ({self.plain_padding:.1%} without)"
 
 
 class ChatMLDataModule(LightningDataModule):
@@ -225,10 +214,10 @@ class ChatMLDataModule(LightningDataModule):
         """How a tokenised split is batched, and how much of each micro-batch is padding (as configured, and as a
         plain padded batching would be)."""
         h, training = self.hparams, name == "train"
-        configured = _padding_fraction(self._plan(name, training, single_process=True))
+        configured = padding_fraction(self._plan(name, training, single_process=True))
         if not (h.packing or h.group_by_length or h.max_tokens_per_batch):
             return Batching("", configured, None)
-        plain = _padding_fraction(self._plan(name, training, single_process=True, plain=True))
+        plain = padding_fraction(self._plan(name, training, single_process=True, plain=True))
         how = (
             f"packed {len(self.splits[name])} conversations into {len(self._rows(name))} rows of <= {h.max_length} tokens"
             if h.packing else "grouped by length"
@@ -268,22 +257,9 @@ class ChatMLDataModule(LightningDataModule):
             return loader
         self._train_loader = loader
         if self._position is not None:  # from a checkpoint: continue where it stopped
-            self._check_same_mixture(self._position.get("mixture"))
+            self.splits["train"].check_position(self._position.get("mixture"))
             self._train_loader.load_state_dict(self._position)
         return self._train_loader
-
-    def _check_same_mixture(self, saved: Optional[dict]) -> None:
-        """A data position means something only over the samples it was counted on."""
-        current = self.splits["train"].fingerprint()
-        if saved is None or saved == current:
-            return
-        counts = [list(c) for c in saved["counts"]]
-        what = (f"sources of {_counts(counts)} (kept/drawn samples) and this run has {_counts(current['counts'])}"
-                if counts != current["counts"] else "other samples in the same counts (edited data, or another data.seed)")
-        raise DataError(
-            f"data.train_path: the checkpoint trained on {what}: resuming at its data position would replay or skip "
-            "samples; give it the checkpoint's data, weights and seed, or start a new run from the exported hf_model/"
-        )
 
     @property
     def _eval_batch_size(self) -> int:
@@ -305,17 +281,3 @@ class ChatMLDataModule(LightningDataModule):
             collate_fn=partial(collate_prompt_batch, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
         )
-
-
-def _counts(fingerprint: list) -> str:
-    return ", ".join(f"{kept}/{drawn}" for kept, drawn in fingerprint)
-
-
-def _padding_fraction(plan: StepPlan) -> float:
-    """Share of the micro-batch tensor slots that hold padding over one epoch."""
-    slots = tokens = 0
-    for micro in plan.epoch(0):
-        lengths = [plan.lengths[i] for i in micro.indices]
-        slots += len(lengths) * max(lengths)
-        tokens += sum(lengths)
-    return 1 - tokens / slots

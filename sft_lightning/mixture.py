@@ -128,6 +128,20 @@ class Mixture(SampleSet):
         digest.update(np.concatenate([s.drawn for s in self.sources]).tobytes())
         return {"counts": [[len(s), len(s.drawn)] for s in self.sources], "digest": digest.hexdigest()[:16]}
 
+    def check_position(self, saved: Optional[dict]) -> None:
+        """Refuse a saved data position (its :meth:`fingerprint`) counted over other samples than these: resuming
+        there would replay or skip samples."""
+        current = self.fingerprint()
+        if saved is None or saved == current:
+            return
+        counts = [list(c) for c in saved["counts"]]
+        what = (f"sources of {_counts(counts)} (kept/drawn samples) and this run has {_counts(current['counts'])}"
+                if counts != current["counts"] else "other samples in the same counts (edited data, or another data.seed)")
+        raise DataError(
+            f"data.train_path: the checkpoint trained on {what}: resuming at its data position would replay or skip "
+            "samples; give it the checkpoint's data, weights and seed, or start a new run from the exported hf_model/"
+        )
+
     def summary(self, name: str) -> str:
         """The setup summary: each source as read, then (for a real mixture) its share planned and drawn."""
         if len(self.sources) == 1 and len(self.sources[0].parts) == 1 and not self.mixed:
@@ -169,3 +183,7 @@ def _repeats(source: SourceSamples) -> str:
     if times.max() <= 1:
         return f"{int((times == 1).sum())} of {len(source)} kept, none twice"
     return f"from {len(source)} kept, each {int(times.min())}-{int(times.max())} times"
+
+
+def _counts(counts: list) -> str:
+    return ", ".join(f"{kept}/{drawn}" for kept, drawn in counts)

@@ -144,3 +144,26 @@ class StepPlanSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.plan)
+
+
+class Batching(NamedTuple):
+    """How a split is batched and what it costs in padding (the setup summary, ``data check``)."""
+
+    how: str  # "packed N conversations into M rows of <= L tokens", "grouped by length", or "" (plain)
+    padding: float  # share of the micro-batch tensor slots that hold padding
+    plain_padding: Optional[float]  # the same without packing or grouping; None when batching is plain
+
+    def __str__(self) -> str:
+        if self.plain_padding is None:
+            return f"padding {self.padding:.1%} of the batch tokens"
+        return f"{self.how}; padding {self.padding:.1%} of the batch tokens ({self.plain_padding:.1%} without)"
+
+
+def padding_fraction(plan: StepPlan) -> float:
+    """Share of the micro-batch tensor slots that hold padding over one epoch."""
+    slots = tokens = 0
+    for micro in plan.epoch(0):
+        lengths = [plan.lengths[i] for i in micro.indices]
+        slots += len(lengths) * max(lengths)
+        tokens += sum(lengths)
+    return 1 - tokens / slots
