@@ -14,6 +14,7 @@ from sft_lightning.cli import cli_main
 from sft_lightning.data import example_conversations, save_chatml_data
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.errors import DataError
+from sft_lightning.loaders import PromptDataset
 from sft_lightning.mixture import draw, quotas
 from sft_lightning.preflight import preflight
 from sft_lightning.records import read_records
@@ -159,6 +160,10 @@ def test_parquet_and_a_datasets_folder_read_to_the_same_arrays_as_jsonl(tmp_path
             actual = tokenize_split(str(path), tokenizer, 128, "assistant", format=format)
             for name in ("input_ids", "labels", "offsets"):
                 np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name), err_msg=f"{path} {name}")
+    # Predict reads them alike too.
+    as_jsonl = PromptDataset(str(tmp_path / "chatml.jsonl"), tokenizer).prompts
+    assert PromptDataset(str(tmp_path / "chatml.parquet"), tokenizer).prompts == as_jsonl
+    assert PromptDataset(str(tmp_path / "chatml_folder"), tokenizer).prompts == as_jsonl
     # All three kinds in one mixture, ShareGPT with its own format.
     data = ChatMLDataModule(
         train_path=[str(tmp_path / "chatml.jsonl"), str(tmp_path / "chatml_folder"),
