@@ -141,7 +141,7 @@ class ChatMLDataModule(LightningDataModule):
                             split_special_tokens=h.split_special_tokens) for file in source.files]
             for source in sources
         ]
-        return Mixture(sources, parts, h.seed)
+        return Mixture(sources, parts, h.seed, f"{name}_path")
 
     def prepare_data(self) -> None:
         # One process per node tokenises into the cache; setup() on every rank then reads it from there.

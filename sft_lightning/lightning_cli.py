@@ -6,6 +6,7 @@ each parses a config exactly as fit does.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -90,17 +91,23 @@ class SFTLightningCLI(LightningCLI):
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
     def _parse_ckpt_path(self) -> None:
-        """Generation settings come from this command, never from the checkpoint.
+        """The model arguments saved in a ``--ckpt_path`` file, under this command's generation settings.
 
-        Lightning 2.6's ``LightningCLI._parse_ckpt_path`` (private; the one override of it here) re-parses the
-        checkpoint's saved ``model`` arguments over the command line, so ``predict --ckpt_path K
-        --model.temperature 0.7`` would silently decode greedily with the settings saved at fit time.
+        Lightning 2.6's ``LightningCLI._parse_ckpt_path`` (private; the one override of it here) re-parses every
+        saved ``model`` argument over the command line, so ``predict --ckpt_path K --model.temperature 0.7`` would
+        silently decode with the settings saved at fit time, and a checkpoint saved with an argument since removed
+        (``do_sample``, before ``temperature`` 0 meant greedy) would not parse at all. Its body is the same: read
+        ``hyper_parameters`` and parse them as ``model`` options, keeping only what the module still takes.
         """
-        model = self.config.get(self.config.get("subcommand") or "", {}).get("model")
-        kept = {name: model[name] for name in GENERATION_SETTINGS} if model is not None else {}
-        super()._parse_ckpt_path()
-        for name, value in kept.items():
-            self.config[self.config.subcommand].model[name] = value
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return  # no checkpoint, `last` (resolved later) or a sharded folder: nothing to read here
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        accepted = set(inspect.signature(SFTLitModule).parameters) - set(GENERATION_SETTINGS)
+        model = {name: value for name, value in saved.items() if name in accepted}
+        if model:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

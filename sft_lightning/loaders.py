@@ -100,10 +100,21 @@ class ResumableLoader(DataLoader):
         self.trained += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.sampler.epoch, "micro_batches_done": self.trained, "rng": rng_states()}
+        epoch, done = self.sampler.epoch, self.trained
+        return {"epoch": epoch, "micro_batches_done": done, "rng": rng_states(),
+                "trained": self.sampler.plan.trained_digest(epoch, done)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.sampler.resume(state_dict["epoch"], state_dict["micro_batches_done"])
+        epoch, done = state_dict["epoch"], state_dict["micro_batches_done"]
+        saved = state_dict.get("trained")
+        if saved is not None and saved != self.sampler.plan.trained_digest(epoch, done):
+            raise DataError(
+                f"data: the checkpoint trained {done} micro-batches of epoch {epoch}, and this run's plan puts other "
+                "samples in them (another data.seed, batch_size, packing or number of devices, or edited data): "
+                "resuming there would replay or skip samples; resume with the checkpoint's settings, or start a new "
+                "run from the exported hf_model/"
+            )
+        self.sampler.resume(epoch, done)
         set_rng_states(state_dict["rng"])
 
 

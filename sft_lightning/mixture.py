@@ -43,7 +43,7 @@ def quotas(sizes: list[int], weights: list[Optional[float]], counts: list[Option
 
 def draw(size: int, quota: int, seed: int, source_index: int) -> np.ndarray:
     """``quota`` indices into a source of ``size`` samples: the whole source in order ``quota // size`` times, then
-    a seeded choice of the rest without repeats, in order (so repeats of a sample are never neighbours)."""
+    a seeded choice of the rest without repeats, in order (so a sample's repeats are about a pass apart)."""
     whole, rest = divmod(quota, size)
     rng = np.random.default_rng([seed % 2**63, source_index])  # numpy takes no negative seed; torch did
     chosen = np.sort(rng.permutation(size)[:rest]) if rest else np.array([], np.int64)
@@ -101,12 +101,12 @@ class SourceSamples(SampleSet):
 class Mixture(SampleSet):
     """A split as trained on: the samples drawn from each source (:attr:`sources`), one after another."""
 
-    def __init__(self, sources: list[Source], parts: list[list[TokenizedSplit]], seed: int) -> None:
+    def __init__(self, sources: list[Source], parts: list[list[TokenizedSplit]], seed: int, option: str) -> None:
         sizes = [sum(len(p) for p in files) for files in parts]
         planned = quotas(sizes, [s.weight for s in sources], [s.conversations for s in sources])
         for source, quota in zip(sources, planned):
             if quota == 0:
-                raise DataError(f"{source.path}: weight {source.weight} is too small to draw a single sample")
+                raise DataError(f"data.{option}: {source.path}: weight {source.weight:g} is too small to draw a single sample")
         self.seed = seed
         self.sources = [
             SourceSamples(source, files, draw(size, quota, seed, i))
@@ -144,7 +144,7 @@ class Mixture(SampleSet):
 
     def summary(self, name: str) -> str:
         """The setup summary: each source as read, then (for a real mixture) its share planned and drawn."""
-        if len(self.sources) == 1 and len(self.sources[0].parts) == 1 and not self.mixed:
+        if not self.mixed:  # one source, every sample once (its files counted together)
             return split_summary(name, self.sources[0])
         lines = [s.summary(f"{name} source {i + 1}/{len(self.sources)}") for i, s in enumerate(self.sources)]
         total_tokens = sum(self.supervised_tokens)

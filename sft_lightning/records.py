@@ -87,7 +87,18 @@ def _table_rows(path: Path) -> list[tuple[str, Any]]:
     except (OSError, ValueError, TypeError, KeyError) as err:  # pyarrow's errors derive from these; KeyError: state.json
         raise DataError(f"{path}: not readable as {'a datasets folder' if path.is_dir() else 'Parquet'} "
                         f"({' '.join(str(err).split())})") from None
-    return [(f"{path}: row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)]
+    return [(f"{path}: row {n}", _without_nulls(row)) for n, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _without_nulls(value: Any) -> Any:
+    """A table row as its JSON line would read: Arrow gives every row every key any row has (a column, a struct
+    field: another tool's parameters, another call's arguments), null where the row had none. Parquet cannot tell
+    such a null from a written one, so null keys are dropped at every depth."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def skip_reason(err: Exception, location: str) -> str:

@@ -8,6 +8,7 @@ batch 2 x accumulation 4 and 2 ranks x batch 4 give the same update.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +64,15 @@ class StepPlan:
                 part = np.array_split(np.asarray(batch), self.num_replicas)[self.rank].tolist()
                 plan.append(MicroBatch(tuple(part or batch[:1]), not part, step_tokens))
         return plan
+
+    def trained_digest(self, epoch: int, micro_batches: int) -> str:
+        """What the first ``micro_batches`` micro-batches of ``epoch`` hold on all ranks together (units and their
+        supervised tokens): the same on every rank, and equal for a resumed run exactly when its plan counts the
+        same samples as trained (another seed, batch size, packing or number of devices changes it)."""
+        digest = hashlib.sha256()
+        for batch in self._global_batches(torch.Generator().manual_seed(self.seed + epoch))[:micro_batches]:
+            digest.update(repr([(i, self.supervised_tokens[i]) for i in batch]).encode())
+        return digest.hexdigest()[:16]
 
     def _global_batches(self, generator: torch.Generator) -> list[list[int]]:
         """Each micro-batch of all ranks together, in the order they run."""

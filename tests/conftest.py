@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -77,8 +78,13 @@ def fit_here(config: str, root, *extra: str) -> None:
     interpreter start and imports (~10 s each)."""
     from sft_lightning.cli import cli_main
 
-    with contextlib.chdir(ROOT):
-        cli_main(fit_command(config, root, *extra))
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with mock.patch.dict(os.environ):  # what the run sets (PL_GLOBAL_SEED, ...) does not reach later runs
+            cli_main(fit_command(config, root, *extra))
+    finally:
+        os.chdir(cwd)
 
 
 TINY_RUN = ("--trainer.max_epochs=2", "--checkpoint.every_n_train_steps=6")  # 2 epochs, last.ckpt every 6 steps

@@ -38,6 +38,15 @@ def test_config_parses_and_instantiates(config: Path, monkeypatch):
         assert type(instance).__name__ == strategy["class_path"].rsplit(".", 1)[1]
 
 
+@pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "data").glob("*.yaml")), ids=lambda p: p.name)
+def test_data_overlays_layer_on_a_preset(overlay: Path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = SFTLightningCLI(args=["--config", "configs/tiny.yaml", "--config", str(overlay), *CPU_OVERRIDES], run=False)
+    assert cli.datamodule.hparams.train_path == yaml.safe_load(overlay.read_text())["data"]["train_path"]
+    cli.datamodule.setup("fit")  # every source exists and mixes
+    assert len(cli.datamodule.splits["train"].sources) > 1
+
+
 def test_presets_use_the_intended_precision():
     for config in CONFIGS:
         precision = yaml.safe_load(config.read_text())["trainer"]["precision"]

@@ -113,6 +113,14 @@ def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkey
     cut = [json.loads(line)["prediction"] for line in short.read_text().splitlines()]
     assert all(len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= 1 for text in cut)
     assert cut != [r["prediction"] for r in rows]
+    # A checkpoint saved before `temperature 0` meant greedy holds `do_sample`: it still loads, and decodes as told.
+    old = torch.load(ckpt, weights_only=True)
+    old["hyper_parameters"].update(do_sample=True, temperature=1.0)
+    torch.save(old, tmp_path / "old.ckpt")
+    again = tmp_path / "again.jsonl"
+    cli_main(["predict", *run["args"], f"--ckpt_path={tmp_path / 'old.ckpt'}", f"--data.predict_path={VAL}",
+              f"--output_path={again}", "--model.max_new_tokens=1"])
+    assert [json.loads(line)["prediction"] for line in again.read_text().splitlines()] == cut
 
     export_dir = tmp_path / "hf"
     cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])

@@ -160,6 +160,21 @@ def test_parquet_and_a_datasets_folder_read_to_the_same_arrays_as_jsonl(tmp_path
             actual = tokenize_split(str(path), tokenizer, 128, "assistant", format=format)
             for name in ("input_ids", "labels", "offsets"):
                 np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name), err_msg=f"{path} {name}")
+    # Tools and calls of different shapes: Arrow merges them into one struct; the rows read back as written.
+    tooled = [{"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"city": {"type": "string"}}}}],
+               "messages": [{"role": "user", "content": "Oslo?"},
+                            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+                            {"role": "tool", "content": "-3 C"}, {"role": "assistant", "content": "Cold."}]},
+              {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"a": {"type": "integer"}}}}],
+               "messages": [{"role": "user", "content": "1+2?"},
+                            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1}}}]},
+                            {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3."}]}]
+    tools = tmp_path / "tools"  # apart from the glob below: the tiny template renders no tools
+    tools.mkdir()
+    (tools / "tools.jsonl").write_text("".join(json.dumps(row) + "\n" for row in tooled))
+    datasets.Dataset.from_list(tooled).to_parquet(str(tools / "tools.parquet"))
+    as_read = lambda path: [(r.messages, r.tools) for r in read_records(path)]  # noqa: E731
+    assert as_read(tools / "tools.parquet") == as_read(tools / "tools.jsonl")
     # Predict reads them alike too.
     as_jsonl = PromptDataset(str(tmp_path / "chatml.jsonl"), tokenizer).prompts
     assert PromptDataset(str(tmp_path / "chatml.parquet"), tokenizer).prompts == as_jsonl
@@ -241,6 +256,29 @@ def test_resume_refuses_a_position_counted_on_another_mixture(sources):
     with pytest.raises(DataError, match=r"^data.train_path: the checkpoint trained on other samples in the same counts "
                                         r"\(edited data, or another data.seed\): resuming"):
         reseeded.train_dataloader()
+
+
+@pytest.mark.parametrize("changed", [{"seed": 7}, {"batch_size": 4}, {"packing": True}], ids=lambda c: next(iter(c)))
+def test_resume_refuses_a_position_another_plan_would_count_differently(sources, changed):
+    def one_source(**options) -> ChatMLDataModule:
+        data = ChatMLDataModule(train_path=sources["general"], tokenizer_path=TINY_QWEN, max_length=256,
+                                cache_dir=None, **{"batch_size": 8, **options})
+        data.setup("fit")
+        return data
+
+    trained = one_source()
+    loader = trained.train_dataloader()
+    for _ in range(3):
+        loader.count_trained()
+    position = trained.state_dict()
+    resumed = one_source()
+    resumed.load_state_dict(position)
+    assert resumed.train_dataloader().sampler.skipped == 3
+    other = one_source(**changed)
+    other.load_state_dict(position)
+    with pytest.raises(DataError, match=r"^data: the checkpoint trained 3 micro-batches of epoch 0, and this run's plan "
+                                        r"puts other samples in them"):
+        other.train_dataloader()
 
 
 def test_data_check_reports_and_checks_each_source(sources, tmp_path, capsys, monkeypatch):
