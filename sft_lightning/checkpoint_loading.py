@@ -26,9 +26,7 @@ def load_trained_module(ckpt_path: str | Path) -> SFTLitModule:
     consolidated here, in one process, into full weights.
     """
     hyper_parameters, state_dict = read_checkpoint(Path(ckpt_path))
-    # LightningCLI adds bookkeeping keys such as `_instantiator` to the saved hyperparameters.
-    accepted = inspect.signature(SFTLitModule).parameters
-    arguments = {k: v for k, v in hyper_parameters.items() if k in accepted}
+    arguments = module_arguments(hyper_parameters)
     if arguments.get("quantization") is None:
         module = SFTLitModule(**arguments)
         module.build(pretrained=False)
@@ -43,6 +41,14 @@ def load_trained_module(ckpt_path: str | Path) -> SFTLitModule:
     if not adapters or unexpected:
         raise ValueError(f"{ckpt_path}: QLoRA checkpoint adapters do not match the model ({len(unexpected)} unknown)")
     return module
+
+
+def module_arguments(hyper_parameters: dict) -> dict:
+    """The saved hyperparameters that ``SFTLitModule`` still takes: LightningCLI adds bookkeeping keys
+    (``_instantiator``), and a checkpoint from an earlier version may hold an argument since removed
+    (``do_sample``, before ``temperature`` 0 meant greedy)."""
+    accepted = inspect.signature(SFTLitModule).parameters
+    return {name: value for name, value in hyper_parameters.items() if name in accepted}
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:

@@ -6,7 +6,6 @@ each parses a config exactly as fit does.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -18,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig
 
 from sft_lightning.adapters import as_lora, quantization_config
+from sft_lightning.checkpoint_loading import module_arguments
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.errors import ConfigError, DataError, loading
@@ -104,8 +104,7 @@ class SFTLightningCLI(LightningCLI):
         if not ckpt_path or not Path(ckpt_path).is_file():
             return  # no checkpoint, `last` (resolved later) or a sharded folder: nothing to read here
         saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        accepted = set(inspect.signature(SFTLitModule).parameters) - set(GENERATION_SETTINGS)
-        model = {name: value for name, value in saved.items() if name in accepted}
+        model = {name: value for name, value in module_arguments(saved).items() if name not in GENERATION_SETTINGS}
         if model:
             self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
