@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from functools import cached_property
 from typing import Optional
 
@@ -88,10 +89,7 @@ class SourceSamples(SampleSet):
         self.path = source.path if len(parts) == 1 else f"{source.path}: {len(parts)} files"
         for name in ("read", "truncated", "expanded", "boundary", "merged_system"):
             setattr(self, name, sum(getattr(p, name) for p in parts))
-        self.dropped = {}
-        for part in parts:
-            for reason, count in part.dropped.items():
-                self.dropped[reason] = self.dropped.get(reason, 0) + count
+        self.dropped = dict(sum((Counter(p.dropped) for p in parts), Counter()))
         self.from_cache = all(p.from_cache for p in parts)
 
     def summary(self, name: str) -> str:

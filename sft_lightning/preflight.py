@@ -33,7 +33,7 @@ def preflight(argv: list[str]) -> None:
         value = settings["data"].get(name)
         for source in value if isinstance(value, list) else [value]:
             path = source.get("path") if isinstance(source, dict) else source
-            if isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "[{"):
+            if isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "{"):
                 require_source(path)
     model = settings["model"].get("model_name_or_path")
     if isinstance(model, str):
