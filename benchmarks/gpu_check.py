@@ -1,106 +1,257 @@
-"""A short, prepared device check: a preset's architecture (random weights, no download) trained for a few packed
-steps through ``sft-lightning fit``, reporting tokens/s, MFU and peak memory against the memory planner.
+"""The device check: one command, a few minutes on one H100/H200 (torch 2.11 or newer), nothing downloaded.
 
-    python benchmarks/gpu_check.py                                   # Qwen2.5-0.5B architecture, bf16-mixed, 50 steps
-    python benchmarks/gpu_check.py --arch meta-llama/Meta-Llama-3-8B-Instruct --strategy fsdp --steps 10 --num_layers 8
-    python benchmarks/gpu_check.py --arch meta-llama/Meta-Llama-3-8B-Instruct --strategy fsdp --devices 8  # all 32 layers
-    for attn in sdpa_varlen flash_attention_2 sdpa; do python benchmarks/gpu_check.py --attn $attn --steps 20; done
-    python benchmarks/gpu_check.py --lm_head_chunk_tokens 0    # the LM head and loss on whole logits, to compare
+    python benchmarks/gpu_check.py             # all three parts below, on the first GPU
+    python benchmarks/gpu_check.py --steps 4   # shorter (on a CPU: 32-true, the shipped tiny model's architecture)
 
-The architecture's config comes from ``configs/models/`` (``--num_layers`` shortens it to fit one GPU); the
-tokenizer is the shipped tiny ChatML one (its ids lie within any vocabulary); the data is the long-tailed fixture
-of ``benchmarks/throughput.py``. On a machine without CUDA it runs the same path on the CPU at ``32-true`` with
-a 2-layer model, which is how it is tested.
+1. Attention: the backend ``sdpa_varlen`` gets from this torch and GPU (the varlen kernel and which of its arguments
+   the installed signature takes, or the per-sample fallback and why), its bf16 output against the per-sample SDPA
+   loop, and the packing check's cross-sample influence measured through the real kernel (0 when samples are apart).
+2. The qwen2.5-0.5b preset itself (its YAML: bf16-mixed, packed rows of 2048, accumulation 8) on the Qwen2.5-0.5B
+   architecture with random weights: tokens/s and MFU, host syncs per micro-batch (CUDA's sync debug mode), peak
+   reserved memory against ``sft-lightning estimate``'s plan; and a plain PyTorch loop on the same packed batches
+   (bf16 autocast, transformers' own attention), for the ratio.
+3. The qwen2.5-7b preset (FSDP2, activation checkpointing, accumulation 4 reduced once per step) on one GPU, with a
+   4-layer slice of the Qwen2.5-7B architecture: MFU and reserved memory against the plan.
+
+Each run writes its TensorBoard logs and the model folder under ``--out`` (default: a temporary folder, removed at
+the end unless ``--keep``); no checkpoint and no export are written. Without CUDA the same path runs on the CPU at
+``32-true`` with the shipped tiny model's architecture, which is how it is tested.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import shutil
 import sys
 import tempfile
+import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
+import yaml
+from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import write_conversations, write_model  # noqa: E402
+from throughput import TOKENIZER, write_conversations  # noqa: E402
 
+from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence  # noqa: E402
 from sft_lightning.cli import cli_main  # noqa: E402
-from sft_lightning.memory import GB, SHARDINGS, format_plan, model_config, plan_memory  # noqa: E402
+from sft_lightning.memory import GB, format_plan, model_config, plan_of_config  # noqa: E402
+from sft_lightning.packing import collate_packed, pack_best_fit_decreasing  # noqa: E402
+from sft_lightning.render import load_tokenizer  # noqa: E402
+from sft_lightning.tokenized import tokenize_split  # noqa: E402
+from sft_lightning.varlen import run_varlen, varlen_kernel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
 
 
-def fsdp_strategy(config) -> list[str]:
-    """The FSDP presets' strategy (FSDP2, each decoder layer sharded, activation checkpointing) for this architecture."""
-    layer = {"qwen2": "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer",
-             "llama": "transformers.models.llama.modeling_llama.LlamaDecoderLayer"}[config.model_type]
-    return ["--trainer.strategy=sft_lightning.sharding.FSDP2Strategy", f"--trainer.strategy.layer_classes=[{layer}]",
-            "--model.gradient_checkpointing=true"]
+class CudaSyncs(Callback):
+    """Counts, per training micro-batch, the operations CUDA's sync debug mode reports as making the host wait
+    (``.item()``, a blocking copy, ``nonzero``, ...), from the start of the batch to its end; rank 0 writes the
+    counts to ``path`` (JSON). On a CPU there is nothing to count."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.counts: list[int] = []
+        self._catching = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if CUDA:
+            self._catching = warnings.catch_warnings(record=True)
+            self._records = self._catching.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._catching is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catching.__exit__(None, None, None)
+            self._catching = None
+            self.counts.append(sum("synchroniz" in str(record.message) for record in self._records))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            Path(self.path).write_text(json.dumps(self.counts))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="Qwen/Qwen2.5-0.5B-Instruct", help="a model of configs/models/")
-    parser.add_argument("--strategy", choices=["auto", "fsdp"], default="auto")
-    parser.add_argument("--devices", type=int, default=1, help="GPUs (FSDP shards over them; 1 runs its code unsharded)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch_size", type=int, default=4, help="packed rows per step")
-    parser.add_argument("--max_length", type=int, default=2048)
-    parser.add_argument("--num_layers", type=int, default=None, help="keep only this many decoder layers")
-    parser.add_argument("--out", default=None, help="run folder (default: a temporary one)")
-    parser.add_argument("--attn", default="sdpa_varlen", help="model.attn_implementation (sdpa_varlen: one varlen "
-                        "kernel call per layer on a GPU; flash_attention_2 needs flash-attn; sdpa: dense block mask)")
-    parser.add_argument("--lm_head_chunk_tokens", type=int, default=512, help="0: whole logits")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    config = model_config(args.arch)
-    layers = args.num_layers or (None if cuda else 2)
-    if layers:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):  # derived from the layer count when the config was made
-            config.layer_types = config.layer_types[:layers]
-    max_length = args.max_length if cuda else 256
-    # With several devices Lightning starts this script again for each other rank (LOCAL_RANK set, the environment
-    # inherited): those ranks use the folder and fixture that rank 0 wrote before it launched them.
-    out = Path(args.out or os.environ.setdefault("GPU_CHECK_OUT", tempfile.mkdtemp(prefix="gpu_check-")))
-    data, model = out / "train.jsonl", out / "model"
-    launched_rank = "LOCAL_RANK" in os.environ  # before fit, which sets it in rank 0's environment too
-    if not launched_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        write_conversations(data, 20 * args.steps * args.batch_size, max_length, seed=0)
-        write_model(model, config, seed=0)
-    precision = "bf16-mixed" if cuda else "32-true"
-    cli_main([
-        "fit", "--config", "configs/tiny.yaml", f"--model.model_name_or_path={model}", f"--data.train_path={data}",
-        "--data.val_path=null", "--data.packing=true", f"--data.max_length={max_length}",
-        f"--data.batch_size={args.batch_size}", f"--data.cache_dir={out / 'cache'}", f"--trainer.max_steps={args.steps}",
-        "--trainer.accelerator=auto", f"--trainer.devices={args.devices}", f"--trainer.precision={precision}",
-        f"--trainer.default_root_dir={out}", "--trainer.log_every_n_steps=10", "--model.warmup_ratio=0.1",
-        "--model.learning_rate=1e-4", "--trainer.enable_progress_bar=false", f"--model.attn_implementation={args.attn}",
-        f"--model.lm_head_chunk_tokens={args.lm_head_chunk_tokens or 'null'}",
-        *(fsdp_strategy(config) if args.strategy == "fsdp" else []),
-    ])
-    if launched_rank:
-        return  # rank 0 reports
+def write_model(folder: Path, arch: str, layers: int) -> Path:
+    """A random model of a shipped architecture (``configs/models/``), ``layers`` decoder layers, saved in bf16
+    (small on disk; the run loads it in the preset's dtype), with the shipped ChatML tokenizer."""
+    config = model_config(arch)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    torch.manual_seed(0)
+    with torch.device("cuda" if CUDA else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(TOKENIZER / name, folder / name)
+    return folder
+
+
+def attention_check(model_dir: Path) -> None:
+    device = torch.device("cuda" if CUDA else "cpu")
+    kernel = varlen_kernel(device)
+    described = "none: packed samples run one at a time through SDPA" if kernel is None else (
+        f"torch.nn.attention.varlen.varlen_attn (scale {kernel.takes_scale}, window_size {kernel.takes_window}, "
+        f"enable_gqa {kernel.takes_gqa}, is_causal {kernel.takes_is_causal})")
+    name = torch.cuda.get_device_name() if CUDA else "CPU"
+    capability = "sm%d%d" % torch.cuda.get_device_capability() if CUDA else "-"
+    print(f"\n[1] attention: torch {torch.__version__}, {name} ({capability})\n  varlen kernel: {described}")
+    if kernel is not None:
+        torch.manual_seed(0)
+        bounds = torch.tensor([0, 700, 1500, 2048], dtype=torch.int32, device=device)
+        query = torch.randn(2048, 14, 64, device=device)  # fp32 q/k with bf16 v: what bf16 autocast hands over
+        key = torch.randn(2048, 2, 64, device=device)
+        value = torch.randn(2048, 2, 64, device=device, dtype=torch.bfloat16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            output = run_varlen(kernel, query, key, value, bounds, 800, None, None)
+        ends = bounds.tolist()
+        worst = 0.0
+        for start, end in zip(ends, ends[1:]):
+            q, k, v = (t[start:end].transpose(0, 1)[None].to(torch.bfloat16) for t in (query, key, value))
+            loop = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            worst = max(worst, (output[start:end] - loop[0].transpose(0, 1)).abs().max().item())
+        print(f"  kernel against the per-sample SDPA loop, bf16, 3 samples of 700/800/548 tokens: max |diff| {worst:.3g}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=SDPA_VARLEN).to(device).eval()
+    tokens = torch.randint(0, len(load_tokenizer(str(model_dir))), (256,), device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
+        influence = cross_sample_influence(model, tokens[:128], tokens[128:], SDPA_VARLEN).item()
+    print(f"  packing check through it (two packed spans of 128 tokens, the model's own forward): influence {influence:.3g}")
+
+
+def preset_run(preset: str, out: Path, model_dir: Path, data: Path, steps: int) -> dict:
+    """``fit --config`` a preset written for this machine (one device, this run's model and data, no checkpoint);
+    returns the last logged scalars, the syncs per micro-batch and the plan of that very config."""
+    raw = yaml.safe_load((ROOT / "configs" / preset).read_text())
+    trainer, model = raw["trainer"], raw["model"]
+    trainer.update(devices=1, num_nodes=1, max_steps=steps, max_epochs=-1, default_root_dir=str(out),
+                   log_every_n_steps=max(steps // 2, 1), enable_progress_bar=False, val_check_interval=None,
+                   accelerator="gpu" if CUDA else "cpu")
+    if not CUDA:  # bf16 autocast is ~15x slower on a CPU; DDP of one CPU process is the plain loop with a wrapper
+        trainer["precision"] = "32-true"
+        trainer["strategy"] = trainer["strategy"] if isinstance(trainer.get("strategy"), dict) else "auto"
+    model.update(model_name_or_path=str(model_dir), learning_rate=1e-4, warmup_ratio=0.1)
+    raw["data"].update(train_path=str(data), val_path=None, cache_dir=str(out / "cache"), num_workers=2)
+    if not CUDA:
+        raw["data"].update(max_length=256)
+    raw["checkpoint"] = {"save_top_k": 0, "save_last": False, "every_n_train_steps": 0}
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / preset
+    config.write_text(yaml.safe_dump(raw))
+    started = time.perf_counter()
+    cli_main(["fit", "--config", str(config), "--trainer.callbacks+=gpu_check.CudaSyncs",
+              f"--trainer.callbacks.path={out / 'syncs.json'}"])
     run = max((out / "lightning_logs").glob("version_*"), key=lambda path: path.stat().st_mtime)
     events = EventAccumulator(str(run))
     events.Reload()
     last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
-    device = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"\n{args.arch} ({config.num_hidden_layers} layers), {device}, {precision}, {args.strategy}, {args.attn}, "
-          f"lm_head_chunk_tokens {args.lm_head_chunk_tokens or 'off'}, "
-          f"{args.batch_size} x {max_length} packed tokens per step, {args.steps} steps")
-    for tag in ("throughput/tokens_per_s", "throughput/supervised_tokens_per_s", "throughput/mfu",
-                "throughput/padding_fraction", "memory/peak_gb", "memory/peak_reserved_gb", "train_loss"):
-        if tag in last:
-            print(f"  {tag:38s} {last[tag]:.4g}")
-    plan = plan_memory(config, args.devices, SHARDINGS["zero3" if args.strategy == "fsdp" else "ddp"], precision, 4.0,
-                       args.batch_size * max_length, checkpointing=args.strategy == "fsdp")
-    print(format_plan(plan, args.arch, precision, 80.0))
-    for tag in ("memory/peak_gb", "memory/peak_reserved_gb"):
-        if tag in last:
-            print(f"measured {tag.split('/')[1]} / planned total: {last[tag] * GB / plan.total:.2f}")
+    syncs = json.loads((out / "syncs.json").read_text())
+    plan, _, precision = plan_of_config(str(config))
+    return {"scalars": last, "syncs": syncs, "plan": plan, "precision": precision, "config": raw,
+            "wall_s": time.perf_counter() - started}
+
+
+def report(title: str, result: dict, layers: int, arch: str) -> None:
+    raw = result["config"]
+    tokens = raw["data"]["batch_size"] * raw["data"]["max_length"]
+    print(f"\n{title}: {arch} ({layers} layers), {result['precision']}, {tokens} packed tokens per micro-batch x "
+          f"{raw['trainer'].get('accumulate_grad_batches', 1)} accumulation, {raw['trainer']['max_steps']} steps, "
+          f"{result['wall_s']:.0f} s in all")
+    for tag in ("throughput/tokens_per_s", "throughput/mfu", "throughput/padding_fraction", "memory/peak_gb",
+                "memory/peak_reserved_gb", "train_loss"):
+        if tag in result["scalars"]:
+            print(f"  {tag:34s} {result['scalars'][tag]:.4g}")
+    steady = result["syncs"][2 * raw["trainer"].get("accumulate_grad_batches", 1):]
+    if steady:
+        # Expected: 1 in the last micro-batch of each optimizer step (the non-finite guard), 0 in the others, more
+        # only where a step logs (Lightning reads the logged values back then).
+        seen = ", ".join(f"{syncs} in {count}" for syncs, count in sorted(Counter(steady).items()))
+        print(f"  host syncs per micro-batch after the first optimizer steps: {seen} micro-batches")
+    elif not CUDA:
+        print("  host syncs per micro-batch: counted on a GPU only (tests/test_syncs.py counts them on a CPU)")
+    print("  " + format_plan(result["plan"], arch, result["precision"], 80.0).replace("\n", "\n  "))
+    reserved = result["scalars"].get("memory/peak_reserved_gb")
+    if reserved is not None:
+        print(f"  measured peak reserved / planned total: {reserved * GB / result['plan'].total:.2f}")
+
+
+def plain_loop(model_dir: Path, data: Path, batch_size: int, max_length: int, steps: int) -> float:
+    """Tokens/s of a hand-written loop on the same packed rows: transformers' forward with labels under bf16 autocast
+    (flash_attention_2 where installed, else sdpa with the block mask), backward, AdamW."""
+    device = torch.device("cuda" if CUDA else "cpu")
+    tokenizer = load_tokenizer(str(model_dir))
+    split = tokenize_split(str(data), tokenizer, max_length, "assistant")
+    rows = pack_best_fit_decreasing(list(split.lengths), max_length)[: steps * batch_size]
+    batches = [collate_packed([[split.sample(i) for i in row] for row in rows[b : b + batch_size]], tokenizer.pad_token_id)
+               for b in range(0, len(rows), batch_size)]
+    try:
+        import flash_attn  # noqa: F401
+
+        attention = "flash_attention_2"
+    except ImportError:
+        attention = "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    timed, tokens = 0.0, 0
+    for index, batch in enumerate(batches):
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
+            # use_cache=False: with a cache transformers skips the packed-sample mask.
+            loss = model(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                         labels=batch.labels.to(device), use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if CUDA:
+            torch.cuda.synchronize()
+        if index >= 2:  # after warm-up, as the throughput logger's last interval
+            timed += time.perf_counter() - started
+            tokens += batch.counts.tokens
+    return tokens / max(timed, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each preset run")
+    parser.add_argument("--slice_layers", type=int, default=4, help="decoder layers of the Qwen2.5-7B slice")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep --out's folder (models and logs; never checkpoints)")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # The CPU (the smoke test) has no room for these widths and 152k-token embeddings: the shipped tiny Qwen2 there.
+    tiny = str(ROOT / "models" / "tiny-qwen2")
+    arch_small, arch_slice = ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct") if CUDA else (tiny, tiny)
+    small_layers = model_config(arch_small).num_hidden_layers
+    slice_layers = args.slice_layers if CUDA else small_layers
+    try:
+        small = write_model(out / "qwen2.5-0.5b", arch_small, small_layers)
+        attention_check(small)
+        # Enough long-tailed conversations for every micro-batch of the run (~150 tokens each).
+        tokens_needed = args.steps * 8 * 4 * (2048 if CUDA else 256)
+        data = Path(write_conversations(out / "train.jsonl", tokens_needed // 150 + 200, 2048 if CUDA else 256, seed=0))
+        result = preset_run("qwen2.5-0.5b.yaml", out / "run-0.5b", small, data, args.steps)
+        report("[2] qwen2.5-0.5b.yaml", result, small_layers, arch_small)
+        raw = result["config"]["data"]
+        plain = plain_loop(small, data, raw["batch_size"], raw["max_length"], steps=12)
+        ours = result["scalars"].get("throughput/tokens_per_s", float("nan"))
+        print(f"  plain PyTorch loop, same packed rows: {plain:.4g} tokens/s; sft-lightning / plain: {ours / plain:.2f}")
+        shutil.rmtree(small)
+        sliced = write_model(out / "qwen2.5-7b-slice", arch_slice, slice_layers)
+        result = preset_run("qwen2.5-7b.yaml", out / "run-7b", sliced, data, max(args.steps // 2, 2))
+        report("[3] qwen2.5-7b.yaml on one device", result, slice_layers, arch_slice)
+    finally:
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,37 +8,31 @@ with a cache) goes to transformers' ``sdpa`` untouched, so this name is a drop-i
 
 A packed batch reaches this function when :func:`packed_model_inputs` passes ``cu_seq_lens_q`` (the sample
 boundaries over the rows laid end to end) with an all-ones ``attention_mask``; the all-ones mask is what stops
-transformers from building the dense block mask, so it is only ever passed together with this attention.
+transformers from building the dense block mask, so it is only ever passed together with this attention. Every
+mask :func:`model_inputs` passes says whether it has padding (:data:`MASK_HAS_PADDING`, known to the collate), so
+that this attention's mask function decides without reading the mask back from the GPU, as transformers'
+``sdpa_mask`` would in every forward.
 
 On a GPU the whole packed batch is one call per layer of torch's variable-length FlashAttention kernel
-(``torch.nn.attention.varlen.varlen_attn``), with the boundaries and the longest sample computed once per batch by
-the collate; the per-sample loop is the CPU's way (and the fallback where the kernel is missing).
+(:mod:`sft_lightning.varlen`: the installed torch's signature, q/k/v in the compute dtype), with the boundaries and
+the longest sample computed once per batch by the collate; the per-sample loop is the CPU's way, and the fallback
+where no kernel can serve (float32, a GPU before Ampere, a torch without the kernel).
 """
 
 from __future__ import annotations
-
-from typing import Callable, Optional
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from sft_lightning.collate import PackedBatch
+from sft_lightning.collate import PackedBatch, PaddedBatch, SupervisedPositions, TrainingBatch
 from sft_lightning.packing import collate_packed
+from sft_lightning.varlen import run_varlen, varlen_kernel
 
 SDPA_VARLEN = "sdpa_varlen"
-
-
-def varlen_kernel(device: torch.device) -> Optional[Callable]:
-    """torch's variable-length FlashAttention kernel where it runs (CUDA), else None: the per-sample loop."""
-    if device.type != "cuda":
-        return None
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+# Attribute of an attention mask built by model_inputs: whether any position is padding, known on the host.
+MASK_HAS_PADDING = "_sft_lightning_has_padding"
 
 
 def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
@@ -57,9 +51,9 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> 
     if kernel is not None and longest is not None and not (module.training and kwargs.get("dropout", 0.0)):
         # One call for every sample of the batch: (batch, heads, length, dim) -> (tokens, heads, dim).
         flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
-        output = kernel(*flat, bounds, bounds, longest, longest, scale=kwargs.get("scaling"),
-                        window_size=(-1 if window is None else window - 1, 0), enable_gqa=key.shape[1] != heads)
-        return output.reshape(batch, length, heads, dim), None
+        output = run_varlen(kernel, *flat, bounds, longest, kwargs.get("scaling"), window)
+        if output is not None:
+            return output.reshape(batch, length, heads, dim), None
     # (batch, heads, length, dim) -> (1, heads, batch * length, dim): the rows end to end, as ``bounds`` counts them
     # (packed_model_inputs already passes one row; any other caller may pass several).
     ends = bounds.tolist()
@@ -74,10 +68,25 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> 
     return torch.cat(outputs, dim=1).reshape(batch, length, heads, dim), None
 
 
-def packed_model_inputs(
-    batch: PackedBatch, attn_implementation: str
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Model inputs and labels of a packed batch for the attention in use, so that no sample attends to another.
+def model_inputs(batch: TrainingBatch, attn_implementation: str) -> tuple[dict, SupervisedPositions]:
+    """The model's inputs for a training batch, and the positions the loss scores in the layout they have."""
+    if isinstance(batch, PackedBatch):
+        return packed_model_inputs(batch, attn_implementation)
+    has_padding = batch.counts.tokens < batch.counts.slots
+    return {"input_ids": batch.input_ids, "attention_mask": marked_mask(batch.attention_mask, has_padding)}, batch.supervision
+
+
+def marked_mask(mask: torch.Tensor, has_padding: bool) -> torch.Tensor:
+    """``mask`` as bool (on its device already, so transformers passes this very tensor to the mask function),
+    marked with whether it has padding."""
+    mask = mask.bool()
+    setattr(mask, MASK_HAS_PADDING, has_padding)
+    return mask
+
+
+def packed_model_inputs(batch: PackedBatch, attn_implementation: str) -> tuple[dict, SupervisedPositions]:
+    """Model inputs of a packed batch for the attention in use, so that no sample attends to another, and the
+    positions the loss scores.
 
     The variable-length attentions take the rows laid end to end as one (each row's padding is a pseudo-sample
     of its own, and every first label is masked, so the shift inside the loss never crosses a boundary either):
@@ -89,15 +98,15 @@ def packed_model_inputs(
     """
     inputs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if "flash" not in attn_implementation and attn_implementation != SDPA_VARLEN:
-        return inputs, batch.labels
+        return inputs, batch.supervision_rows
     inputs = {name: tensor.reshape(1, -1) for name, tensor in inputs.items()}
     if attn_implementation == SDPA_VARLEN:
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["attention_mask"] = marked_mask(torch.ones_like(inputs["input_ids"], dtype=torch.bool), has_padding=False)
     # The boundaries and the longest sample, computed once by the collate: FlashAttention-2 in transformers then
     # skips re-deriving them from position_ids (host syncs) in every layer; sdpa_varlen's kernel needs them.
     bounds, longest = batch.cu_seq_lens, batch.max_seq_len
     inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
-    return inputs, batch.labels.reshape(1, -1)
+    return inputs, batch.supervision_flat
 
 
 def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, attn_implementation: str) -> torch.Tensor:
@@ -118,5 +127,17 @@ def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, att
     return (logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp(min=1e-6)
 
 
+def sdpa_varlen_mask(*args, attention_mask=None, **kwargs):
+    """transformers' ``sdpa_mask``, told by a mask from :func:`model_inputs` whether it has padding instead of
+    reading it back from the device: without padding no mask at all (a packed batch's boundaries keep its samples
+    apart, and a sliding window is the kernel's), with padding the mask is built without the check."""
+    has_padding = getattr(attention_mask, MASK_HAS_PADDING, None)
+    if has_padding is False:
+        return None
+    if has_padding:
+        kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_varlen_mask)

@@ -1,10 +1,12 @@
-"""Checkpoints that survive a kill: atomic writes, and ``--ckpt_path last`` that finds the newest one of a run."""
+"""Checkpoints that survive a kill: atomic writes (files, and the sharded folders of FSDP2 and DeepSpeed), and
+``--ckpt_path last`` that finds the newest one of a run."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -78,3 +80,33 @@ def newest_checkpoint(root: str | Path) -> Optional[Path]:
     # Sharded checkpoints (FSDP, DeepSpeed) are folders named like files.
     found = [path for path in Path(root).expanduser().rglob("*.ckpt") if path.is_file() or path.is_dir()]
     return max(found, key=lambda path: path.stat().st_mtime_ns, default=None)
+
+
+def save_beside(strategy, filepath, write: Callable[[Path], None]) -> None:
+    """A checkpoint folder that every rank writes part of (``write(folder)`` on each), written into a hidden folder
+    beside ``filepath`` that then replaces it: a run killed mid-write leaves the previous checkpoint whole, never a
+    mix of two steps that ``--ckpt_path last`` would pick."""
+    path = Path(strategy.broadcast(str(filepath)))
+    partial = path.with_name(f".{path.name}.partial")
+    if strategy.is_global_zero:
+        shutil.rmtree(partial, ignore_errors=True)
+    strategy.barrier()
+    write(partial)
+    strategy.barrier()
+    if strategy.is_global_zero:
+        replace_path(partial, path)
+    strategy.barrier()
+
+
+def replace_path(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, replacing a file, folder or link there (a folder is moved aside first)."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        aside = target.with_name(f".{target.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        target.rename(aside)
+        source.rename(target)
+        shutil.rmtree(aside)
+        return
+    source.rename(target)

@@ -3,24 +3,88 @@
 Padding is masked by position (``attention_mask`` 0, label ``IGNORE_INDEX``), never by comparing ids with the
 pad or eos id, so a tokenizer whose pad token is its end-of-turn token still trains the real end-of-turn.
 Consumers branch on the batch's type (padded or packed), never on which fields exist.
+
+Everything the training step needs to know about a batch's shape is computed here, on the host, while the batch is
+still in host memory: which positions the LM head runs on and which of its outputs have a target
+(:class:`SupervisedPositions`), the sample boundaries, the token counts for throughput (:class:`BatchCounts`). On a
+GPU none of them is then read back from the device (each read would stop the host until the GPU catches up).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Optional, Union
+from typing import Literal, NamedTuple, Optional, Union
 
 import torch
 
 from sft_lightning.render import IGNORE_INDEX
 
 
+class SupervisedPositions(NamedTuple):
+    """Where the LM head runs and what it is scored against, for labels laid out as ``(rows, length)``.
+
+    ``keep`` goes to the model as ``logits_to_keep`` (the same positions of every row); the kept logits are
+    ``(rows, len(keep))``, and ``index`` picks, from them flattened, those whose next label is supervised, whose
+    labels are ``targets``. Tensors, so they move with the batch.
+    """
+
+    keep: torch.Tensor  # int64 (kept,)
+    index: torch.Tensor  # int64 (supervised,)
+    targets: torch.Tensor  # int64 (supervised,)
+
+    def to(self, device, non_blocking: bool = False) -> "SupervisedPositions":
+        return SupervisedPositions(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> "SupervisedPositions":
+        return SupervisedPositions(*(t.pin_memory() for t in self))
+
+
+def supervised_positions(labels: torch.Tensor) -> SupervisedPositions:
+    """The positions of ``labels`` (rows, length) whose next label is supervised in at least one row (where the LM
+    head, a vocabulary-wide matmul, has to run: not on prompts and padding), and which of them have a target."""
+    following = labels[:, 1:]
+    keep = (following != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    kept = following[:, keep].reshape(-1)
+    index = (kept != IGNORE_INDEX).nonzero().squeeze(1)
+    return SupervisedPositions(keep, index, kept[index])
+
+
+class BatchCounts(NamedTuple):
+    """Host-side counts of a micro-batch, for throughput and MFU."""
+
+    samples: int
+    tokens: int  # real tokens
+    supervised: int  # supervised labels: positions the LM head runs on
+    slots: int  # tensor positions, padding included
+    squared_lengths: int  # sum of each sample's length squared: attention FLOPs
+
+
+def batch_counts(lengths: Sequence[int], supervised: int, slots: int) -> BatchCounts:
+    return BatchCounts(len(lengths), sum(lengths), supervised, slots, sum(n * n for n in lengths))
+
+
+def _moved(value, device, non_blocking: bool):
+    return value.to(device, non_blocking=non_blocking) if isinstance(value, (torch.Tensor, SupervisedPositions)) else value
+
+
+def _pinned(value):
+    return value.pin_memory() if isinstance(value, (torch.Tensor, SupervisedPositions)) else value
+
+
 class _Batch:
-    def to(self, device: torch.device | str, non_blocking: bool = False):
-        """A copy with every tensor on ``device`` (Lightning moves a batch through this method too)."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self) if torch.is_tensor(getattr(self, f.name))}
-        return replace(self, **{name: t.to(device, non_blocking=non_blocking) for name, t in moved.items()})
+    def to(self, device: torch.device | str, non_blocking: Optional[bool] = None):
+        """A copy with every tensor on ``device``. Lightning moves a batch through this method, without
+        ``non_blocking`` for anything but a plain tensor: to a GPU the copy is asynchronous here by default (from the
+        loader's pinned memory it then never waits; the caching allocator keeps the host block until it is done)."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
+        return replace(self, **{f.name: _moved(getattr(self, f.name), device, non_blocking) for f in fields(self)})
+
+    def pin_memory(self):
+        """A copy in page-locked memory (``DataLoader(pin_memory=True)`` calls this), so the copy to a GPU can be
+        asynchronous."""
+        return replace(self, **{f.name: _pinned(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -30,7 +94,8 @@ class PaddedBatch(_Batch):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor  # IGNORE_INDEX where nothing is trained (prompt tokens, padding)
-    sample_lengths: torch.Tensor  # real tokens per conversation, for throughput accounting
+    supervision: SupervisedPositions
+    counts: BatchCounts
     # Supervised tokens of the whole optimizer step (every micro-batch on every rank): the loss's denominator.
     step_supervised_tokens: Optional[int] = None
 
@@ -46,7 +111,10 @@ class PackedBatch(_Batch):
     # The longest of them, a plain int computed once: variable-length kernels need it, and reading it off a GPU
     # tensor in every layer would stop the GPU each time.
     max_seq_len: int
-    sample_lengths: torch.Tensor
+    # The rows as they are (sdpa, eager: a block-diagonal mask per row) and laid end to end as one (varlen kernels).
+    supervision_rows: SupervisedPositions
+    supervision_flat: SupervisedPositions
+    counts: BatchCounts
     step_supervised_tokens: Optional[int] = None
 
 
@@ -83,7 +151,9 @@ def collate_training(
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for the loss."""
     ids, attention_mask = pad_sequences(input_ids, pad_token_id)
     padded_labels, _ = pad_sequences(labels, IGNORE_INDEX)
-    return PaddedBatch(ids, attention_mask, padded_labels, attention_mask.sum(1), step_supervised_tokens)
+    supervision = supervised_positions(padded_labels)
+    counts = batch_counts([len(s) for s in input_ids], len(supervision.targets), ids.numel())
+    return PaddedBatch(ids, attention_mask, padded_labels, supervision, counts, step_supervised_tokens)
 
 
 def collate_prompts(

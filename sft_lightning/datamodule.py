@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
@@ -252,6 +252,7 @@ class ChatMLDataModule(LightningDataModule):
             batch_size=None,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=self._pin_memory,
         )
         if not training:
             return loader
@@ -260,6 +261,11 @@ class ChatMLDataModule(LightningDataModule):
             self.splits["train"].check_position(self._position.get("mixture"))
             self._train_loader.load_state_dict(self._position)
         return self._train_loader
+
+    @property
+    def _pin_memory(self) -> bool:
+        """Page-locked batches where they go to a GPU: their copy there is then asynchronous (no wait per batch)."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     @property
     def _eval_batch_size(self) -> int:
@@ -275,9 +281,18 @@ class ChatMLDataModule(LightningDataModule):
         return self._loader("test", training=False)
 
     def predict_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        # Every rank runs the same number of batches: a sharded model (FSDP2, ZeRO-3) gathers its weights in each
+        # forward, with every rank taking part. DistributedSampler fills the last batches by repeating prompts; the
+        # writer keeps one answer per prompt. (Lightning's own predict sampler leaves the counts unequal.)
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(self.predict_dataset, trainer.world_size, trainer.global_rank, shuffle=False)
         return DataLoader(
             self.predict_dataset,
+            sampler=sampler,
             batch_size=self._eval_batch_size,
             collate_fn=partial(collate_prompt_batch, pad_token_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
+            pin_memory=self._pin_memory,
         )

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
-
-import torch
 
 from sft_lightning.adapters import has_adapters
 from sft_lightning.checkpoint_loading import load_trained_module
 from sft_lightning.module import DType
 from sft_lightning.render import stop_token_ids
+
+SHARD_SIZE = "5GB"
 
 
 def save_hf_folder(model, tokenizer, output_dir: str | Path, adapter_only: bool = False) -> Path:
@@ -30,7 +29,9 @@ def save_hf_folder(model, tokenizer, output_dir: str | Path, adapter_only: bool 
     model.config.use_cache = True  # gradient checkpointing turns it off for training
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(staging)
+    # Shards of at most 5 GB: each is serialised in memory as it is written, so this bounds what the export holds
+    # beside the weights.
+    model.save_pretrained(staging, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(staging)
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -38,18 +39,17 @@ def save_hf_folder(model, tokenizer, output_dir: str | Path, adapter_only: bool 
     return output_dir
 
 
-def export(ckpt_path: str, output_dir: str, dtype: Optional[DType] = None, adapter_only: bool = False) -> None:
+def export(ckpt_path: str, output_dir: str, dtype: DType = "auto", adapter_only: bool = False) -> None:
     """Export a training checkpoint as a Hugging Face model folder.
 
     Args:
-        ckpt_path: a ``.ckpt`` file written by ``sft-lightning fit``.
+        ckpt_path: a ``.ckpt`` file or sharded checkpoint folder written by ``sft-lightning fit``.
         output_dir: folder to write (replaced if it exists).
-        dtype: cast the weights before saving (e.g. ``bfloat16`` to halve the size); default: as trained.
+        dtype: the weights' dtype in the folder: ``auto`` is the pretrained model's own (its config.json, e.g.
+            bfloat16 for Qwen2.5 and Llama 3; as trained where it names none); ``float32`` keeps float32 master weights.
         adapter_only: for a LoRA run, save the adapters alone instead of merging them into the base weights.
     """
     if not Path(ckpt_path).exists():
         raise FileNotFoundError(f"{ckpt_path}: no such checkpoint")
-    module = load_trained_module(ckpt_path)
-    if dtype not in (None, "auto"):
-        module.model.to(getattr(torch, dtype))
+    module = load_trained_module(ckpt_path, dtype)
     print(f"exported {ckpt_path} to {save_hf_folder(module.model, module.tokenizer, output_dir, adapter_only)}")

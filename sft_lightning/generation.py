@@ -29,7 +29,7 @@ class Reply(NamedTuple):
     stopped: bool  # ended with an end-of-turn token, not by running into max_new_tokens
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 keeps the weights it gathers, and inference tensors cannot be reused
 def generate_replies(
     model,
     tokenizer,
@@ -38,15 +38,18 @@ def generate_replies(
     settings: GenerationSettings,
     stops: list[int],
     streamer=None,
+    synced: bool = False,
 ) -> list[Reply]:
     """Replies to left-padded prompts, cut at the first of ``stops`` (see ``render.stop_token_ids``) and
-    decoded without special tokens. ``streamer``: a transformers streamer that receives tokens as they come."""
+    decoded without special tokens. ``streamer``: a transformers streamer that receives tokens as they come.
+    ``synced``: the model is sharded over ranks (FSDP2, ZeRO-3), so every rank runs a forward until all are done."""
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         eos_token_id=stops,
         pad_token_id=tokenizer.pad_token_id,
         streamer=streamer,
+        synced_gpus=synced,
         **settings.kwargs(),
     )
     replies = []

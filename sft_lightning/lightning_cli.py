@@ -141,10 +141,12 @@ class SFTLightningCLI(LightningCLI):
         self._check_model_fits_data()
         model = self.model.hparams
         tokenizer = load_tokenizer(model.model_name_or_path, model.trust_remote_code)
-        self.model.connect(tokenizer)  # one tokenizer (and one ChatML fallback) for the model and the data
-        self.datamodule.connect(tokenizer)
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self._resolve_last_checkpoint()
+        # One tokenizer (and one ChatML fallback) for the model and the data; a checkpoint's weights replace the
+        # pretrained ones, which are then never read.
+        self.model.connect(tokenizer, checkpoint_follows=self.config_init[self.subcommand].get("ckpt_path") is not None)
+        self.datamodule.connect(tokenizer)
         config = deepspeed_config(self.trainer.strategy)
         if config is not None:
             # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the

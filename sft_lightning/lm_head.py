@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sft_lightning.render import IGNORE_INDEX
+from sft_lightning.collate import SupervisedPositions
+from sft_lightning.loss import gather_supervised
 
 # Config attributes by which a model transforms its logits after the head (Gemma 2/3 soft-capping, Cohere and
 # Granite scaling): the loss must see the transformed logits, so such models keep the unchunked path.
@@ -84,24 +85,28 @@ class ChunkedLMHead(nn.Linear):
     """The model's output layer, which scores targets in chunks while :meth:`scoring` is active."""
 
     chunk_tokens: int = 512
-    _targets: Optional[torch.Tensor] = None
+    _positions: Optional[SupervisedPositions] = None
+    _every_position = False
 
     @contextmanager
-    def scoring(self, targets: torch.Tensor):
-        """Within: a forward returns ``[nll_sum, correct]`` (float32) for ``targets``, aligned with the hidden
-        states the head receives (``IGNORE_INDEX`` where not supervised)."""
-        self._targets = targets
+    def scoring(self, positions: SupervisedPositions, every_position: bool = False):
+        """Within: a forward returns ``[nll_sum, correct]`` (float32) of the supervised positions, from the hidden
+        states of the kept positions ``(rows, len(positions.keep), hidden)`` (``every_position``: of every position,
+        for a model whose forward keeps no subset)."""
+        self._positions, self._every_position = positions, every_position
         try:
             yield
         finally:
-            self._targets = None
+            self._positions = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self._targets is None:
+        if self._positions is None:
             return super().forward(hidden)
-        supervised = self._targets != IGNORE_INDEX
+        if self._every_position:
+            hidden = hidden[:, self._positions.keep]
         nll, correct = ChunkedCrossEntropy.apply(
-            hidden[supervised], self.weight, self.bias, self._targets[supervised], self.chunk_tokens
+            gather_supervised(hidden, self._positions), self.weight, self.bias, self._positions.targets,
+            self.chunk_tokens,
         )
         return torch.stack([nll, correct.to(nll.dtype)])
 

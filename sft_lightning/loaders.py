@@ -32,16 +32,18 @@ class MicroBatchDataset(Dataset):
         return len(self.rows) if self.rows is not None else len(self.split)
 
     def __getitem__(self, micro: MicroBatch) -> TrainingBatch:
+        def sample(index: int) -> tuple[np.ndarray, np.ndarray]:
+            ids, labels = self.split.sample(index)
+            # A ghost (a rank with nothing left) runs like the others and trains nothing: its labels are masked
+            # before collation, so the positions scored and the counts say so too.
+            return ids, np.full_like(labels, IGNORE_INDEX) if micro.ghost else labels
+
         if self.rows is None:
-            chosen = [self.split.sample(i) for i in micro.indices]
-            batch = collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id,
-                                     micro.step_supervised_tokens)
-        else:
-            rows = [[self.split.sample(i) for i in self.rows[r]] for r in micro.indices]
-            batch = collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens)
-        if micro.ghost:
-            batch.labels.fill_(IGNORE_INDEX)
-        return batch
+            chosen = [sample(i) for i in micro.indices]
+            return collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id,
+                                    micro.step_supervised_tokens)
+        rows = [[sample(i) for i in self.rows[r]] for r in micro.indices]
+        return collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens)
 
 
 class PromptDataset(Dataset):

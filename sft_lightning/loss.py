@@ -15,36 +15,31 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from sft_lightning.render import IGNORE_INDEX
+from sft_lightning.collate import SupervisedPositions
 
 
 class TokenStats(NamedTuple):
     nll_sum: torch.Tensor  # float32 scalar
-    supervised_tokens: torch.Tensor  # int scalar
+    supervised_tokens: int  # known on the host (the collate counted them)
     correct: torch.Tensor  # int scalar: argmax predictions equal to the label
 
 
-def predicting_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions whose next label is supervised in at least one row: the only logits the loss reads.
-
-    Passed to the model as ``logits_to_keep``, so the LM head (a vocabulary-wide matmul, a quarter of the FLOPs
-    of a 0.5B model) runs on those positions only, not on prompts and padding.
-    """
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+def gather_supervised(values: torch.Tensor, positions: SupervisedPositions) -> torch.Tensor:
+    """The vectors (logits, or the hidden states the LM head takes) that predict a supervised label,
+    ``(supervised, features)``, out of those of the kept positions ``(rows, kept, features)``: gathered by the index
+    the collate computed (a boolean mask here would read its count back from the device)."""
+    return values.reshape(-1, values.shape[-1]).index_select(0, positions.index)
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
-    """NLL sum, count and correct predictions where ``targets`` (aligned with ``logits``) is supervised.
+    """NLL sum, count and correct predictions of ``logits`` (supervised, vocab) against ``targets`` (supervised,).
 
-    For logits of every position, ``targets`` is the labels shifted left by one: position t predicts label t + 1.
+    Only supervised positions go through the float32 softmax: less memory than upcasting every logit.
     """
-    supervised = targets != IGNORE_INDEX
-    # Only supervised positions go through the float32 softmax: less memory than upcasting every logit.
-    chosen_logits = logits[supervised].float()
-    chosen_targets = targets[supervised]
-    nll_sum = F.cross_entropy(chosen_logits, chosen_targets, reduction="sum")
-    correct = (chosen_logits.argmax(dim=-1) == chosen_targets).sum()
-    return TokenStats(nll_sum, supervised.sum(), correct)
+    chosen = logits.float()
+    nll_sum = F.cross_entropy(chosen, targets, reduction="sum")
+    correct = (chosen.argmax(dim=-1) == targets).sum()
+    return TokenStats(nll_sum, len(targets), correct)
 
 
 def micro_batch_loss(nll_sum: torch.Tensor, step_supervised_tokens: int, framework_divisor: int) -> torch.Tensor:

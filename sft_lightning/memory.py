@@ -10,6 +10,12 @@ residual stream, with fused attention that keeps no score matrix), calibrated on
 activation checkpointing only each layer's input stays, plus one layer recomputed. The model's parameters are
 counted exactly, from its config on the meta device (no weights loaded).
 
+The optimizer step needs a temporary beside its state: torch's foreach AdamW takes the square root of every second
+moment into a new float32 tensor (4 bytes per parameter it steps). FSDP2 accumulating gradients over micro-batches
+without reducing them (``FSDP2Strategy.reduce_every_micro_batch`` false, the default) keeps an unsharded float32
+gradient on every GPU (4 bytes per parameter). Neither is a model state in DeepSpeed's estimators' sense; both count
+in the total.
+
 Sharded runs also hold a working set of gathered weights: FSDP2 keeps the root unit (embeddings, LM head, final
 norm) gathered from forward to backward plus two decoder layers in flight (one computing, one prefetched), in
 the compute dtype; DeepSpeed's ZeRO-3 two 16-bit copies of its largest module, as DeepSpeed's own estimator
@@ -74,6 +80,8 @@ class MemoryPlan:
     checkpointing: bool
     working_set: float = 0.0  # gathered weights of the units in flight (sharded weights only)
     host_per_node: float = 0.0  # host RAM that offloading needs on each node
+    optimizer_temporary: float = 0.0  # AdamW's step: a float32 square root of the second moments
+    accumulated_gradients: float = 0.0  # FSDP2 between reductions: an unsharded float32 gradient
 
     @property
     def state(self) -> float:
@@ -85,9 +93,16 @@ class MemoryPlan:
         return self.state + self.working_set
 
     @property
+    def overhead(self) -> float:
+        return OVERHEAD_GB * GB + OVERHEAD_SHARE * self._subtotal
+
+    @property
     def total(self) -> float:
-        subtotal = self.model_states + self.activations + self.logits
-        return subtotal + OVERHEAD_GB * GB + OVERHEAD_SHARE * subtotal
+        return self._subtotal + self.overhead
+
+    @property
+    def _subtotal(self) -> float:
+        return self.model_states + self.optimizer_temporary + self.accumulated_gradients + self.activations + self.logits
 
 
 def plan_memory(
@@ -103,13 +118,15 @@ def plan_memory(
     supervised_share: float = 0.5,
     nodes: int = 1,
     lm_head_chunk_tokens: Optional[int] = 512,
+    accumulated_gradients: bool = False,
 ) -> MemoryPlan:
     """Bytes per GPU for training a model of ``config`` (a transformers config) this way.
 
     ``weight_bytes``: bytes per stored weight (4 for float32 master weights, 2 for bfloat16); ``tokens_per_gpu``:
     tokens in one micro-batch on one GPU; ``supervised_share``: share of positions whose logits are kept;
     ``nodes``: how many nodes the GPUs are on (for the host RAM of offloading); ``lm_head_chunk_tokens``: positions
-    whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position).
+    whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position);
+    ``accumulated_gradients``: an unsharded float32 gradient is kept between reductions (FSDP2 accumulating).
     """
     counts = count_parameters(config, as_lora(lora))
     parameters, trainable = counts.total, counts.trainable
@@ -141,10 +158,11 @@ def plan_memory(
     positions = tokens_per_gpu * supervised_share
     positions = min(positions, lm_head_chunk_tokens) if lm_head_chunk_tokens else positions
     logits = positions * config.vocab_size * (mixed_or_true + 4 + 4)  # logits, their float32 copy, their gradient
+    temporary = 0.0 if sharding.offload_optimizer else split(trainable * 4.0, sharding.optimizer)
     return MemoryPlan(
         parameters, trainable, gpus, sharding, weights, gradients, optimizer,
         with_checkpointing if checkpointing else without, without, with_checkpointing, logits, checkpointing,
-        working_set, host * DEEPSPEED_BUFFER_FACTOR / nodes,
+        working_set, host * DEEPSPEED_BUFFER_FACTOR / nodes, temporary, trainable * 4.0 if accumulated_gradients else 0.0,
     )
 
 
@@ -257,32 +275,38 @@ def _zero(stage: int, offload_optimizer: bool = False, offload_weights: bool = F
                     ("DeepSpeed " if deepspeed else "") + name + suffix, deepspeed)
 
 
-def estimate(config: str, gpus: Optional[int] = None, gpu_memory_gb: float = 80.0) -> None:
+def estimate(config: str, gpus: Optional[int] = None, nodes: Optional[int] = None, gpu_memory_gb: float = 80.0) -> None:
     """Per-GPU memory plan of a training config: weights, gradients, optimizer, activations; does it fit?
 
     Args:
         config: a ``sft-lightning fit`` config (preset or your own).
         gpus: GPUs in all (default: ``trainer.devices x trainer.num_nodes`` of the config).
+        nodes: nodes they are on, for the host RAM per node (default: the config's ``num_nodes``, or with ``gpus``
+            as many nodes of ``trainer.devices`` GPUs as ``gpus`` needs).
         gpu_memory_gb: memory of one GPU, to say whether the plan fits.
     """
-    plan, name, precision = plan_of_config(config, gpus)
+    plan, name, precision = plan_of_config(config, gpus, nodes)
     print(format_plan(plan, name, precision, gpu_memory_gb))
 
 
-def plan_of_config(config: str, gpus: Optional[int] = None) -> tuple[MemoryPlan, str, str]:
-    """(plan, model name, precision) of a ``fit`` config file."""
+def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int] = None) -> tuple[MemoryPlan, str, str]:
+    """(plan, model name, precision) of a ``fit`` config file, on ``gpus`` GPUs over ``nodes`` nodes (see
+    :func:`estimate`)."""
     raw = yaml.safe_load(Path(config).read_text())
     trainer, model, data = raw.get("trainer", {}), raw.get("model", {}), raw.get("data", {})
+    devices = trainer.get("devices", 1)
+    if (gpus is None or nodes is None) and not isinstance(devices, int):
+        raise ConfigError(f"{config}: trainer.devices is {devices!r}; give the GPU count with --gpus and --nodes")
     if gpus is None:
-        devices = trainer.get("devices", 1)
-        if not isinstance(devices, int):
-            raise ConfigError(f"{config}: trainer.devices is {devices!r}; give the GPU count with --gpus")
-        gpus = devices * trainer.get("num_nodes", 1)
+        nodes = nodes or trainer.get("num_nodes", 1)
+        gpus = devices * nodes
+    elif nodes is None:
+        nodes = -(-gpus // devices)
     strategy = trainer.get("strategy")
-    activation_checkpointing = bool(model.get("gradient_checkpointing")) or (
-        isinstance(strategy, dict) and bool(strategy.get("init_args", {}).get("activation_checkpointing_policy"))
-    )
+    init_args = strategy.get("init_args", {}) if isinstance(strategy, dict) else {}
+    activation_checkpointing = bool(model.get("gradient_checkpointing")) or bool(init_args.get("activation_checkpointing_policy"))
     precision = str(trainer.get("precision", "32-true"))
+    fsdp2 = isinstance(strategy, dict) and strategy["class_path"].endswith("FSDP2Strategy")
     plan = plan_memory(
         model_config(model["model_name_or_path"], model.get("trust_remote_code", False)),
         gpus,
@@ -293,8 +317,10 @@ def plan_of_config(config: str, gpus: Optional[int] = None) -> tuple[MemoryPlan,
         checkpointing=activation_checkpointing,
         lora=model.get("lora"),
         quantization=model.get("quantization"),
-        nodes=trainer.get("num_nodes", 1),
+        nodes=nodes,
         lm_head_chunk_tokens=model.get("lm_head_chunk_tokens", 512),
+        accumulated_gradients=fsdp2 and trainer.get("accumulate_grad_batches", 1) > 1
+        and not init_args.get("reduce_every_micro_batch", False),
     )
     return plan, model["model_name_or_path"], precision
 
@@ -308,11 +334,13 @@ def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: floa
         f"  weights                              {gb(plan.weights)}",
         f"  gradients                            {gb(plan.gradients)}",
         f"  optimizer (AdamW moments)            {gb(plan.optimizer)}",
+        f"  optimizer step temporary             {gb(plan.optimizer_temporary)}",
+        *([f"  gradients accumulated, unsharded     {gb(plan.accumulated_gradients)}"] if plan.accumulated_gradients else []),
         f"  gathered weights in flight           {gb(plan.working_set)}",
         f"  activations, checkpointing on        {gb(plan.activations_with_checkpointing)}",
         f"  activations, checkpointing off       {gb(plan.activations_without_checkpointing)}",
         f"  logits (one chunk of positions)      {gb(plan.logits)}",
-        f"  overhead ({OVERHEAD_GB} GB + {OVERHEAD_SHARE:.0%})              {gb(plan.total - plan.model_states - plan.activations - plan.logits)}",
+        f"  overhead ({OVERHEAD_GB} GB + {OVERHEAD_SHARE:.0%})              {gb(plan.overhead)}",
         f"  total per GPU ({chosen} checkpointing) {gb(plan.total)}",
     ]
     if plan.host_per_node:

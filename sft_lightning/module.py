@@ -9,21 +9,20 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
-from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, packed_model_inputs
+from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, model_inputs
 from sft_lightning.checkpointing import newest_checkpoint
-from sft_lightning.collate import PackedBatch, TrainingBatch
+from sft_lightning.collate import BatchCounts, PackedBatch, TrainingBatch
 from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
 from sft_lightning.nonfinite import NonFiniteGuard
-from sft_lightning.loss import TokenMetrics, TokenStats, micro_batch_loss, predicting_positions, token_stats
-from sft_lightning.render import IGNORE_INDEX, load_tokenizer, stop_token_ids
+from sft_lightning.loss import TokenMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
+from sft_lightning.render import load_tokenizer, stop_token_ids
 from sft_lightning.sharding import FSDP2Strategy
 from sft_lightning.throughput import FlopParameters, matmul_parameters, training_flops
 from sft_lightning.zero import (
@@ -50,7 +49,8 @@ def build_causal_lm(
     pretrained: bool = True,
     quantization_config=None,
 ):
-    """Load ``path`` through ``from_pretrained`` (or only its config, when weights come from a checkpoint)."""
+    """Load ``path`` through ``from_pretrained``, or with ``pretrained`` False build its architecture from the config
+    alone (random weights, inside ZeRO-3's ``zero.Init``; on the meta device otherwise)."""
     dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
     with loading(path, "model"):
         if pretrained:
@@ -63,6 +63,25 @@ def build_causal_lm(
             config, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
+
+
+def init_buffers(model) -> None:
+    """Compute the buffers that no state dict holds (the rotary ``inv_freq``) of a model whose tensors were
+    created empty (``to_empty`` after the meta device); parameters are left for a checkpoint to fill.
+
+    transformers 5.24 computes these buffers in ``PreTrainedModel._init_weights`` (private), which is applied here
+    only to the modules that own such a buffer, the same way ``from_pretrained`` applies it to them."""
+    owners = {name.rpartition(".")[0] for name, _ in model.named_non_persistent_buffers()}
+    for owner in sorted(owners):
+        model._init_weights(model.get_submodule(owner))
+
+
+def drop_head_copy(state_dict: dict) -> dict:
+    """``state_dict`` without the second copy of the LM head that checkpoints written before 2026-12 hold (the module
+    kept the head as an attribute of its own, ``_scoring_head``)."""
+    for name in [name for name in state_dict if name.startswith("_scoring_head.")]:
+        del state_dict[name]
+    return state_dict
 
 
 class SFTLitModule(LightningModule):
@@ -131,30 +150,35 @@ class SFTLitModule(LightningModule):
         self._matmul_parameters = FlopParameters(0, 0)  # for flops()
         self._packing_checked = False
         self._keeps_logits = False
-        self._scoring_head: Optional[ChunkedLMHead] = None  # the output layer, when it scores in chunks
         self._added_tokens = 0  # rows the tokenizer adds to the pretrained vocabulary
         self._deepspeed: Optional[dict] = None  # the DeepSpeed config, when trained under DeepSpeed
         self._hf_deepspeed = None
         self._first_forward_done = False
         self._nonfinite = NonFiniteGuard(nonfinite_patience)
         self._step_loss = torch.zeros(())
+        self._checkpoint_follows = False  # set by connect(): the weights come from a checkpoint, not the folder
 
     @property
     def generation_settings(self) -> GenerationSettings:
         h = self.hparams
         return GenerationSettings(h.max_new_tokens, h.temperature, h.top_p)
 
-    def connect(self, tokenizer) -> None:
+    def connect(self, tokenizer, checkpoint_follows: bool = False) -> None:
         """Use ``tokenizer`` (loaded once from ``model_name_or_path`` by the CLI, shared with the data) instead of
-        loading one in :meth:`configure_model`."""
+        loading one in :meth:`configure_model`; ``checkpoint_follows``: the run loads a checkpoint's weights (resume,
+        ``validate/test/predict --ckpt_path``), so the pretrained ones are never read."""
         self.tokenizer = tokenizer
+        self._checkpoint_follows = checkpoint_follows
 
     def configure_model(self) -> None:
-        self.build(pretrained=True)
+        # A QLoRA base is quantized as it is read, and its checkpoint holds the quantized weights: read it always.
+        self.build(pretrained=not self._checkpoint_follows or self.hparams.quantization is not None)
 
-    def build(self, pretrained: bool) -> None:
-        """The tokenizer and the model, once; ``pretrained=False``: the architecture without reading its weights
-        (a checkpoint's are loaded next, :mod:`sft_lightning.checkpoint_loading`)."""
+    def build(self, pretrained: bool, materialize: bool = True) -> None:
+        """The tokenizer and the model, once. ``pretrained=False``: the architecture without reading its weights,
+        for a checkpoint's (:mod:`sft_lightning.checkpoint_loading`, or Lightning's ``ckpt_path``): parameters in empty
+        host memory ready to be loaded into, or with ``materialize`` False still on the meta device, for
+        ``load_state_dict(assign=True)`` (no second copy of the weights)."""
         if self.model is not None:
             return
         h = self.hparams
@@ -168,17 +192,22 @@ class SFTLitModule(LightningModule):
         if is_zero3(self._deepspeed):
             self._hf_deepspeed = zero3_loading(self._deepspeed)  # alive while and after from_pretrained runs
         if self.device_mesh is not None:  # set by a ModelParallelStrategy before this hook
-            model = self._sharded_model()
-        else:
+            model = self._sharded_model(pretrained)
+        elif pretrained or self._hf_deepspeed is not None:  # ZeRO-3 partitions as it builds: never on meta
             model = self._causal_lm(pretrained)
+        else:
+            with torch.device("meta"):
+                model = self._causal_lm(pretrained=False)
+            if materialize:
+                model.to_empty(device="cpu")
+                model.tie_weights()  # to_empty gives each tied module a tensor of its own
+                init_buffers(model)
         self._matmul_parameters = matmul_parameters(model)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if lora is not None:
             added = range(len(self.tokenizer) - self._added_tokens, len(self.tokenizer))
             model = add_lora(model, lora, quantized=h.quantization is not None, trainable_tokens=list(added))
-        head = model.get_output_embeddings()
-        self._scoring_head = head if isinstance(head, ChunkedLMHead) else None
         # from_pretrained returns eval mode; Lightning switches modes only around evaluation loops.
         self.model = model.train()
 
@@ -202,13 +231,16 @@ class SFTLitModule(LightningModule):
                 rank_zero_info(f"model.lm_head_chunk_tokens: the LM head and the loss run unchunked: {why_not}")
         return model
 
-    def _sharded_model(self):
+    def _sharded_model(self, pretrained: bool):
         strategy = self.trainer.strategy
         if not isinstance(strategy, FSDP2Strategy):
             raise ConfigError(f"{type(strategy).__name__}: for sharded training use sft_lightning.sharding.FSDP2Strategy")
         if self.hparams.lora is not None or self.hparams.quantization is not None:
             raise ConfigError("FSDP2Strategy trains every weight; LoRA and QLoRA fit one GPU: use trainer.strategy ddp")
-        return strategy.load_pretrained(partial(self._causal_lm, pretrained=False), partial(self._causal_lm, pretrained=True))
+        return strategy.load_pretrained(
+            partial(self._causal_lm, pretrained=False), partial(self._causal_lm, pretrained=True) if pretrained else None,
+            init_buffers,
+        )
 
     def _check_packing(self, input_ids: torch.Tensor) -> None:
         """Once per run, in the first packed forward on every rank: refuse an attention that lets packed samples
@@ -235,36 +267,31 @@ class SFTLitModule(LightningModule):
         if self._deepspeed is not None:  # built under zero.Init, whose context has ended by now
             float32_rotary_buffers(self.model)
 
-    def flops(self, sample_lengths: torch.Tensor, head_positions: torch.Tensor) -> torch.Tensor:
-        """FLOPs of a forward and backward over samples of these lengths, the LM head run at ``head_positions``
-        positions (for MFU; see :func:`sft_lightning.throughput.training_flops`)."""
-        return training_flops(self.model.config, self._matmul_parameters, sample_lengths, head_positions)
+    def flops(self, counts: BatchCounts) -> float:
+        """FLOPs of a forward and backward of a micro-batch of these counts (for MFU; see
+        :func:`sft_lightning.throughput.training_flops`)."""
+        return training_flops(self.model.config, self._matmul_parameters, counts)
 
     def score(self, batch: TrainingBatch) -> TokenStats:
         """NLL sum, supervised-token count and correct predictions of a training batch (the loss and metrics'
         one source, in training, validation and test)."""
         if not self._first_forward_done:
             self._before_first_forward()
-        if isinstance(batch, PackedBatch):
-            if self.hparams.packing_check and not self._packing_checked:
-                self._check_packing(batch.input_ids)
-            inputs, labels = packed_model_inputs(batch, self.model.config._attn_implementation)
-        else:
-            inputs, labels = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}, batch.labels
-        positions = predicting_positions(labels)
+        if isinstance(batch, PackedBatch) and self.hparams.packing_check and not self._packing_checked:
+            self._check_packing(batch.input_ids)
+        inputs, positions = model_inputs(batch, self.model.config._attn_implementation)
         if self._keeps_logits:
-            inputs["logits_to_keep"] = positions
-        if self._scoring_head is not None:
-            # Targets aligned with what the head receives: the kept positions, or every position.
-            targets = labels[:, positions + 1] if self._keeps_logits else F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            with self._scoring_head.scoring(targets):
+            inputs["logits_to_keep"] = positions.keep
+        head = self.model.get_output_embeddings()  # looked up, not kept: a module attribute would be saved twice
+        if isinstance(head, ChunkedLMHead):
+            with head.scoring(positions, every_position=not self._keeps_logits):
                 nll_sum, correct = self.model(**inputs, use_cache=False).logits
-            return TokenStats(nll_sum, (targets != IGNORE_INDEX).sum(), correct.round().long())
+            return TokenStats(nll_sum, len(positions.targets), correct.round().long())
         # use_cache=False is not an optimisation: with a cache, transformers skips the packed-sample mask.
         logits = self.model(**inputs, use_cache=False).logits
         if not self._keeps_logits:
-            logits = logits[:, positions]
-        return token_stats(logits, labels[:, positions + 1])
+            logits = logits[:, positions.keep]
+        return token_stats(gather_supervised(logits, positions), positions.targets)
 
     def training_step(self, batch, batch_idx):
         stats = self.score(batch)
@@ -278,7 +305,9 @@ class SFTLitModule(LightningModule):
             return  # DeepSpeed: a micro-batch inside the accumulation
         # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
         self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
-        self.log("lr", optimizer.param_groups[0]["lr"], rank_zero_only=True)
+        # Host numbers are logged as tensors filled on the device: self.log would copy them there from pageable memory,
+        # and such a copy waits for the GPU.
+        self.log("lr", torch.full((), optimizer.param_groups[0]["lr"], device=self.device), rank_zero_only=True)
         trainer = self.trainer
         stop = self._nonfinite.before_step(
             self._step_loss, optimizer, check_gradients=getattr(trainer.precision_plugin, "scaler", None) is None,
@@ -287,7 +316,8 @@ class SFTLitModule(LightningModule):
         )
         if stop is not None:
             self._raise_nonfinite(stop)
-        self.log("train_nonfinite_steps", float(self._nonfinite.skipped), rank_zero_only=True)
+        self.log("train_nonfinite_steps", torch.full((), float(self._nonfinite.skipped), device=self.device),
+                 rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
 
     def _raise_nonfinite(self, what: str) -> None:
@@ -314,6 +344,7 @@ class SFTLitModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._nonfinite.skipped = checkpoint.get("nonfinite_steps", 0)
+        drop_head_copy(checkpoint.get("state_dict", {}))
 
     def validation_step(self, batch, batch_idx):
         self.val_metrics.update(self.score(batch))
@@ -335,8 +366,10 @@ class SFTLitModule(LightningModule):
     def predict_step(self, batch, batch_idx):
         if not self._first_forward_done:
             self._before_first_forward()
+        sharded = self.device_mesh is not None or is_zero3(self._deepspeed)
         replies = generate_replies(
             self.model, self.tokenizer, batch.input_ids, batch.attention_mask, self.generation_settings, self.stop_ids,
+            synced=sharded and self.trainer.world_size > 1,
         )
         return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch.index, replies)]
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from sft_lightning.collate import PackedBatch
+from sft_lightning.collate import PackedBatch, batch_counts, supervised_positions
 from sft_lightning.render import IGNORE_INDEX
 
 
@@ -53,7 +53,7 @@ def collate_packed(
     Rows are right-padded to the longest row; the padding is a separate pseudo-sample (its positions restart
     at 0 too) whose labels are ignored, so no real token attends to it. ``cu_seq_lens`` holds the boundaries of
     every sample and padding over the rows laid end to end (for variable-length attention), ``max_seq_len`` the
-    longest of them; ``sample_lengths`` lists every real sample's length, for throughput accounting.
+    longest of them.
     """
     longest = max(sum(len(ids) for ids, _ in row) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
@@ -73,8 +73,11 @@ def collate_packed(
         if start < longest:
             position_ids[r, start:] = torch.arange(longest - start)
             bounds.append((r + 1) * longest)
+    rows_supervision = supervised_positions(labels)
     return PackedBatch(
         input_ids, position_ids, labels, cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
         max_seq_len=max(end - start for start, end in zip(bounds, bounds[1:])),
-        sample_lengths=torch.tensor(sample_lengths), step_supervised_tokens=step_supervised_tokens,
+        supervision_rows=rows_supervision, supervision_flat=supervised_positions(labels.reshape(1, -1)),
+        counts=batch_counts(sample_lengths, len(rows_supervision.targets), input_ids.numel()),
+        step_supervised_tokens=step_supervised_tokens,
     )

@@ -3,16 +3,22 @@
 Built on PyTorch's ``fully_shard`` through Lightning's ``ModelParallelStrategy``. The model is built on the meta
 device on every rank and sharded before any weight exists; global rank 0 alone reads the pretrained weights (in
 host memory) and broadcasts them tensor by tensor into every rank's shards, so no other rank ever holds a full
-copy. Under ``bf16-mixed`` the layers compute in bfloat16 from float32 master shards and gradients are reduced in
-float32; buffers (the rotary ``inv_freq``) are never cast. Checkpoints are folders of per-rank shards
-(``torch.distributed.checkpoint``), written beside their final name and renamed into place.
+copy (and nobody reads them when a checkpoint's weights come next). Under ``bf16-mixed`` the layers compute in
+bfloat16 from float32 master shards and gradients are reduced in float32; buffers (the rotary ``inv_freq``) are
+never cast. Checkpoints are folders of per-rank shards (``torch.distributed.checkpoint``), written beside their final
+name and renamed into place.
+
+What Lightning 2.6.6's ``ModelParallelStrategy`` leaves to the user, done here: gradients are reduce-scattered once
+per optimizer step, not after every accumulated micro-batch (Lightning's ``block_backward_sync`` knows only DDP's
+``no_sync``); evaluation and prediction run under ``no_grad`` rather than ``inference_mode``, whose inference tensors
+FSDP2's parameter gathering cannot reuse (Lightning does the same for its FSDP1 strategy only).
 """
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,9 +26,10 @@ import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
+from sft_lightning.checkpointing import save_beside
 from sft_lightning.errors import ConfigError
 from sft_lightning.memory import decoder_layer_names
 
@@ -35,6 +42,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self,
         layer_classes: Optional[list[str]] = None,
         reshard_after_forward: bool = True,
+        reduce_every_micro_batch: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
@@ -45,8 +53,14 @@ class FSDP2Strategy(ModelParallelStrategy):
             layer_classes: the decoder layer classes, each instance sharded (and gathered) as one unit, by
                 qualified name (``transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer``) or class name;
                 default: the model's own ``_no_split_modules``.
-            reshard_after_forward: free each gathered layer after its forward and gather it again for backward
-                (ZeRO-3 memory); False keeps it until backward (less communication, ZeRO-2 memory).
+            reshard_after_forward: free each gathered decoder layer after its forward and gather it again for
+                backward (ZeRO-3 memory); False keeps it until backward (less communication, ZeRO-2 memory). The root
+                unit (embeddings, final norm, LM head), which backward needs first, stays gathered either way.
+            reduce_every_micro_batch: False: with ``accumulate_grad_batches`` > 1, the micro-batches of an optimizer
+                step accumulate their gradients unsharded on each rank and are reduce-scattered once, at the step
+                (1/accumulation of the gradient traffic; the accumulated gradient costs 4 bytes per parameter on every
+                GPU, which ``sft-lightning estimate`` counts). True: reduce-scatter after every micro-batch (sharded
+                accumulation, the memory of no accumulation: for models whose full float32 gradient does not fit).
             save_distributed_checkpoint: checkpoints as folders of per-rank shards (``sft-lightning export``
                 consolidates them); False gathers a full checkpoint file on rank 0.
             process_group_backend: ``nccl`` on GPUs and ``gloo`` on CPUs by default.
@@ -58,7 +72,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         self.layer_classes = layer_classes
         self.reshard_after_forward = reshard_after_forward
+        self.reduce_every_micro_batch = reduce_every_micro_batch
         self.save_distributed_checkpoint = save_distributed_checkpoint
+        self._sharded_root: Optional[FSDPModule] = None  # the model shard() made, the root of its FSDP units
 
     def setup_environment(self) -> None:
         # Lightning 2.6.6 reads the mesh's data-parallel size from this private attribute, where "auto" means the
@@ -66,15 +82,39 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        # FSDP2 gathers parameters into storage it keeps; under inference_mode (Lightning's default for evaluation)
+        # that storage becomes inference tensors, which the next gather or training step cannot use.
+        for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop, trainer.predict_loop):
+            loop.inference_mode = False
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning enters this around the backward of each micro-batch but the last of an optimizer step."""
+        if self.reduce_every_micro_batch or self._sharded_root is None:
+            yield
+            return
+        self._sharded_root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self._sharded_root.set_requires_gradient_sync(True)
+
     def load_pretrained(
-        self, empty: Callable[[], PreTrainedModel], pretrained: Callable[[], PreTrainedModel]
+        self, empty: Callable[[], PreTrainedModel], pretrained: Optional[Callable[[], PreTrainedModel]],
+        init_buffers: Callable[[PreTrainedModel], None],
     ) -> PreTrainedModel:
         """The model of ``empty()`` (built here on the meta device) sharded over all ranks and holding the weights of
-        ``pretrained()``, which only global rank 0 calls."""
+        ``pretrained()``, which only global rank 0 calls; ``pretrained`` None: weights left unset (a checkpoint's
+        are loaded next) and the buffers no state dict holds computed by ``init_buffers(model)``."""
         with torch.device("meta"):
             model = empty()
         self.shard(model)
         model.to_empty(device=self.root_device)
+        if pretrained is None:
+            init_buffers(model)
+            return model
         full = pretrained() if self.global_rank == 0 else None
         # Rank 0 sends each tensor; every rank keeps only its own shard of it.
         set_model_state_dict(
@@ -104,34 +144,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        # None: FSDP2's own choice for the root, not resharded after forward (backward begins with it)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=None if self.reshard_after_forward else False)
+        self._sharded_root = model
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._sharded_root is not None:
+            # The root stays gathered after a forward that no backward follows (validation): reshard it, so that the
+            # state dict holds shards (torch 2.13's checkpoint writer crashes on the gathered tensors).
+            self._sharded_root.reshard()
+        return super().lightning_module_state_dict()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         """Every rank writes its shards into a hidden folder beside ``filepath``, which then replaces it: a run
         killed mid-write leaves the previous checkpoint whole."""
         if not self.save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(filepath))
-        partial = path.with_name(f".{path.name}.partial")
-        if self.is_global_zero:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.barrier()
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier()
-        if self.is_global_zero:
-            replace_path(partial, path)
-        self.barrier()
-
-
-def replace_path(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing a file, folder or link there (a folder is moved aside first)."""
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.is_dir():
-        aside = target.with_name(f".{target.name}.old")
-        shutil.rmtree(aside, ignore_errors=True)
-        target.rename(aside)
-        source.rename(target)
-        shutil.rmtree(aside)
-        return
-    source.rename(target)
+        write = super().save_checkpoint
+        save_beside(self, filepath, lambda partial: write(checkpoint, partial, storage_options))

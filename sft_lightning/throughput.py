@@ -1,7 +1,8 @@
 """Training throughput in the logs: tokens/s (all and supervised), samples/s, padding, MFU and peak memory.
 
-Counts come from the batches themselves (``sample_lengths``, ``labels``) and are summed over ranks when
-logged, so they are exact with variable-length batches, packing and any number of devices. MFU uses the
+Counts come from the batches themselves (their :class:`~sft_lightning.collate.BatchCounts`, computed on the host by
+the collate) and are summed over ranks when logged, so they are exact with variable-length batches, packing and any
+number of devices, and counting never touches the GPU. MFU uses the
 PaLM accounting, ``6 N`` FLOPs per token for the matmul weights plus ``12 L H Q T`` for attention over a
 context of ``T`` tokens (each sample's own length when packed); the LM head counts only on the positions whose
 next token is trained, the only ones it runs on (``logits_to_keep``). The peak is the GPU's dense bf16/fp16
@@ -18,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from sft_lightning.render import IGNORE_INDEX
+from sft_lightning.collate import BatchCounts
 from sft_lightning.zero import logical_numel
 
 COUNTERS = ("samples", "tokens", "supervised_tokens", "slots", "flops")
@@ -54,17 +55,13 @@ def matmul_parameters(model: torch.nn.Module) -> FlopParameters:
     return FlopParameters(total - head_params - (0 if tied else logical_numel(embedding.weight)), head_params)
 
 
-def training_flops(config, parameters: FlopParameters, sample_lengths: torch.Tensor, head_positions: torch.Tensor) -> torch.Tensor:
+def training_flops(config, parameters: FlopParameters, counts: BatchCounts) -> float:
     """Forward + backward FLOPs of one micro-batch: ``6 N`` per token (the LM head's part per position it runs on)
-    plus ``12 L H Q`` per token and context token.
-
-    A tensor on the lengths' device, so that counting every micro-batch never waits for the GPU.
-    """
+    plus ``12 L H Q`` per token and context token."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    lengths = sample_lengths.double()
-    attention = 12 * config.num_hidden_layers * heads * head_dim * lengths.square().sum()
-    return 6 * parameters.body * lengths.sum() + 6 * parameters.head * head_positions.double() + attention
+    attention = 12 * config.num_hidden_layers * heads * head_dim * counts.squared_lengths
+    return 6.0 * parameters.body * counts.tokens + 6.0 * parameters.head * counts.supervised + attention
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -76,8 +73,7 @@ def peak_memory_gb(device: torch.device) -> float:
 class ThroughputLogger(Callback):
     def __init__(self, every_n_steps: Optional[int] = None, peak_tflops: Optional[float] = None) -> None:
         """Log ``throughput/*`` and ``memory/peak_gb`` every ``every_n_steps`` optimizer steps, from the training
-        batches (:class:`~sft_lightning.collate.PaddedBatch` or ``PackedBatch``) and the module's
-        ``flops(sample_lengths, head_positions)``.
+        batches' ``counts`` and the module's ``flops(counts)``.
 
         Args:
             every_n_steps: optimizer steps between logs (default: ``trainer.log_every_n_steps``).
@@ -87,7 +83,7 @@ class ThroughputLogger(Callback):
         self.every_n_steps = every_n_steps
         self.peak_tflops = peak_tflops
         self.available_flops: Optional[float] = None
-        self._counts = torch.zeros(len(COUNTERS), dtype=torch.float64)
+        self._counts = [0.0] * len(COUNTERS)  # summed on the host, reduced over ranks only when logging
         self._started = 0.0
         self._logged_step = -1
 
@@ -99,22 +95,13 @@ class ThroughputLogger(Callback):
             self.available_flops = dense_peak_flops(torch.cuda.get_device_name(device))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._counts.zero_()
+        self._counts = [0.0] * len(COUNTERS)
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        lengths = batch.sample_lengths
-        # Each supervised label is predicted at the position before it: where the LM head has to run.
-        supervised = (batch.labels != IGNORE_INDEX).sum()
-        counts = torch.stack([
-            torch.tensor(len(lengths), dtype=torch.float64, device=lengths.device),
-            lengths.sum().double(),
-            supervised.double(),
-            torch.tensor(batch.input_ids.numel(), dtype=torch.float64, device=lengths.device),
-            pl_module.flops(lengths, supervised),
-        ])
-        # Summed where the batch lives: no host round trip per micro-batch, only when logging.
-        self._counts = self._counts.to(counts.device) + counts
+        counts = batch.counts
+        batch_totals = (counts.samples, counts.tokens, counts.supervised, counts.slots, pl_module.flops(counts))
+        self._counts = [total + value for total, value in zip(self._counts, batch_totals)]
         step, every = trainer.global_step, self.every_n_steps or trainer.log_every_n_steps
         if step != self._logged_step and step % every == 0:  # the same decision on every rank
             self._logged_step = step
@@ -125,7 +112,8 @@ class ThroughputLogger(Callback):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - self._started
-        totals = trainer.strategy.reduce(self._counts.to(device), reduce_op="sum").cpu().tolist()
+        local = torch.tensor(self._counts, dtype=torch.float64, device=device)
+        totals = trainer.strategy.reduce(local, reduce_op="sum").cpu().tolist()
         counts = dict(zip(COUNTERS, totals))
         metrics = {
             "throughput/tokens_per_s": counts["tokens"] / elapsed,
@@ -141,5 +129,5 @@ class ThroughputLogger(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-        self._counts.zero_()
+        self._counts = [0.0] * len(COUNTERS)
         self._started = time.perf_counter()

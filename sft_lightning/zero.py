@@ -7,6 +7,8 @@
 - DeepSpeed owns gradient accumulation: ``engine.backward`` divides the loss by the accumulation count a second
   time (Lightning already did), and Lightning calls the optimizer hooks on every micro-batch.
 - An offloaded optimizer must be DeepSpeed's CPU Adam; DeepSpeed rejects torch's.
+- Lightning's strategy writes checkpoints in place (it bypasses CheckpointIO) and lets DeepSpeed reduce gradients in
+  the 16-bit training dtype: :class:`DeepSpeedStrategy` writes beside and renames, and reduces in float32.
 
 Nothing here imports DeepSpeed unless a DeepSpeed strategy is in use.
 """
@@ -16,12 +18,34 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from lightning.pytorch.strategies import Strategy
+
+from sft_lightning.checkpointing import save_beside
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy (same arguments), with checkpoints that survive a kill and float32 gradients.
+
+    - A checkpoint folder is written beside its final name by every rank, then renamed into place, as FSDP2's are:
+      Lightning's writes ``last.ckpt/`` in place, and a run killed mid-save leaves a mix of two steps.
+    - Gradients are averaged across ranks in float32 (``communication_data_type``), as FSDP2 reduces them, unless
+      the config sets it: DeepSpeed's default under bf16 is bf16, which rounds away small gradient components.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config is not None:
+            self.config.setdefault("communication_data_type", "fp32")
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
+        write = super().save_checkpoint
+        save_beside(self, filepath, lambda partial: write(checkpoint, partial, storage_options))
 
 
 def deepspeed_config(strategy: Optional[Strategy]) -> Optional[dict[str, Any]]:
     """The DeepSpeed config of a DeepSpeed strategy, else None."""
-    return strategy.config if isinstance(strategy, DeepSpeedStrategy) else None
+    return strategy.config if isinstance(strategy, LightningDeepSpeedStrategy) else None
 
 
 def is_zero3(config: Optional[dict[str, Any]]) -> bool:
@@ -90,7 +114,7 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], config: Opt
 def at_optimizer_step(strategy: Strategy) -> bool:
     """Whether the optimizer is about to step. Under DeepSpeed, Lightning runs the optimizer hooks after every
     micro-batch and the engine steps only at the accumulation boundary."""
-    if not isinstance(strategy, DeepSpeedStrategy):
+    if not isinstance(strategy, LightningDeepSpeedStrategy):
         return True
     return strategy.deepspeed_engine.is_gradient_accumulation_boundary()
 

@@ -1,4 +1,4 @@
-"""Test-only: Lightning's DeepSpeedStrategy on CPU processes (gloo), its CUDA-only steps lifted.
+"""Test-only: our DeepSpeedStrategy (Lightning's, atomic checkpoints) on CPU processes (gloo), its CUDA-only steps lifted.
 
 Lightning 2.6.6 refuses any accelerator but CUDA in ``DeepSpeedStrategy.setup_environment`` and device indices
 that are not GPU ordinals in ``setup_distributed``, and hands DeepSpeed the root device's index (None on a CPU);
@@ -7,7 +7,9 @@ DeepSpeed itself runs on the CPU (its CPU accelerator, ``init_distributed("gloo"
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy
+
+from sft_lightning.zero import DeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

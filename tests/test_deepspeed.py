@@ -13,9 +13,11 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from safetensors.torch import load_file
 
-from sft_lightning.zero import at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
+from sft_lightning.checkpoint_loading import load_trained_module
+from sft_lightning.zero import DeepSpeedStrategy, at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
 from tests.conftest import ROOT, TINY_QWEN, cli_fit, fit_here
 from tests.helpers import assert_same_gradients
 
@@ -87,6 +89,17 @@ def test_zero3_preset_on_two_processes_equals_one_process(tmp_path):
     assert_same_gradients(record["steps"], reference["steps"])
     assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
     assert (tmp_path / "zero3" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors").is_file()
+    # Written beside its name and renamed (nothing left beside it), and read back in memory equal to what Lightning's
+    # converter writes to a file of the whole float32 model.
+    checkpoints = tmp_path / "zero3" / "lightning_logs" / "version_0" / "checkpoints"
+    ckpt = checkpoints / "last.ckpt"
+    assert not list(checkpoints.glob(".*"))
+    convert_zero_checkpoint_to_fp32_state_dict(str(ckpt), str(tmp_path / "converted.pt"))
+    converted = torch.load(tmp_path / "converted.pt", weights_only=False)["state_dict"]
+    ours = load_trained_module(ckpt).state_dict()
+    assert ours.keys() == converted.keys()
+    for name, tensor in converted.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
@@ -99,6 +112,12 @@ def test_deepspeed_presets_offload_with_deepspeeds_adam_and_skip_nonfinite_steps
     assert offloads_optimizer(config) == big  # module.adamw then builds DeepSpeedCPUAdam
     config["bf16"] = {"enabled": True}  # as Lightning's bf16-mixed formatting sets it
     assert skips_nonfinite_steps(config) == (config["zero_optimization"]["stage"] < 3)
+
+
+def test_gradients_are_reduced_in_float32_unless_the_config_says_otherwise():
+    assert DeepSpeedStrategy(stage=3).config["communication_data_type"] == "fp32"
+    own = {"zero_optimization": {"stage": 2}, "communication_data_type": "bf16"}
+    assert DeepSpeedStrategy(config=own).config["communication_data_type"] == "bf16"
 
 
 def test_nonfinite_skipping_follows_deepspeeds_own_overflow_check():

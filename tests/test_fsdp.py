@@ -5,6 +5,7 @@ weights are read by rank 0 only, checkpoints are sharded folders, a run killed m
 import json
 import signal
 import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -14,7 +15,8 @@ from torch.distributed.tensor import DTensor
 
 import sft_lightning.module as module_py
 from sft_lightning.cli import cli_main
-from tests.conftest import TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
+from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
+from tests.strict_kernels import strict_calls
 
 pytestmark = pytest.mark.slow
 PRESETS = {"qwen2": ("qwen2.5-7b.yaml", TINY_QWEN), "llama": ("llama3-8b.yaml", TINY_LLAMA)}
@@ -56,6 +58,35 @@ class LoadRecorder(L.Callback):
             json.dump(record, file)
 
 
+class ReductionCounter(L.Callback):
+    """Test helper: each rank writes how many gradient reduce-scatters FSDP2 ran before each optimizer step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.per_step, self.calls = [], 0
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # Test-only: FSDP2 reduces every FSDP unit's gradients through this function (torch 2.13).
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+        self.module, self.original = _fsdp_param_group, _fsdp_param_group.foreach_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self.original(*args, **kwargs)
+
+        _fsdp_param_group.foreach_reduce = counted
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.per_step.append(self.calls)
+        self.calls = 0
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self.module.foreach_reduce = self.original
+        with open(f"{self.path}.{trainer.global_rank}", "w") as file:
+            json.dump(self.per_step, file)
+
+
 def on_cpu(model: str, *extra: str) -> list[str]:
     """Options that run a shipped preset on this CPU with a tiny model of the same architecture and the repo's
     small data."""
@@ -80,8 +111,10 @@ def exported(ckpt, folder) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("arch", PRESETS)
 def test_fsdp_preset_on_two_processes_resumes_and_equals_one_process(arch, tmp_path):
     preset, model = PRESETS[arch]
+    # Llama reduce-scatters after every micro-batch, Qwen once per optimizer step (the default): both equal one process.
+    reduce = ["--trainer.strategy.reduce_every_micro_batch=true"] if arch == "llama" else []
     sharded = tmp_path / "fsdp"
-    killed = fit(preset, model, sharded, "--trainer.devices=2", "--trainer.callbacks+=tests.helpers.KillAtStep",
+    killed = fit(preset, model, sharded, "--trainer.devices=2", *reduce, "--trainer.callbacks+=tests.helpers.KillAtStep",
                  "--trainer.callbacks.step=12", "--trainer.callbacks+=tests.test_fsdp.LoadRecorder",
                  f"--trainer.callbacks.path={tmp_path / 'load'}")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -93,9 +126,18 @@ def test_fsdp_preset_on_two_processes_resumes_and_equals_one_process(arch, tmp_p
     checkpoint = sharded / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert {p.name for p in checkpoint.iterdir()} >= {"__0_0.distcp", "__1_0.distcp", "meta.pt"}
 
-    resumed = fit(preset, model, sharded, "--trainer.devices=2", "--ckpt_path=last")
+    resumed = fit(preset, model, sharded, "--trainer.devices=2", *reduce, "--ckpt_path=last",
+                  "--trainer.callbacks+=tests.test_fsdp.LoadRecorder", f"--trainer.callbacks.path={tmp_path / 'resumed'}",
+                  "--trainer.callbacks+=tests.test_fsdp.ReductionCounter", f"--trainer.callbacks.path={tmp_path / 'reduce'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "--ckpt_path last: resuming from" in resumed.stdout + resumed.stderr
+    # Weights from the checkpoint: the pretrained ones are never read, and RoPE's buffer is computed all the same.
+    resumed_ranks = [json.loads((tmp_path / f"resumed.{rank}").read_text()) for rank in (0, 1)]
+    assert [r["loads"] for r in resumed_ranks] == [0, 0] and all(r["inv_freq"] == "torch.float32" for r in resumed_ranks)
+    # 3 FSDP units (2 decoder layers and the root), accumulation 4: one reduction each per optimizer step by default.
+    reductions = [json.loads((tmp_path / f"reduce.{rank}").read_text()) for rank in (0, 1)]
+    assert reductions[0] == reductions[1] and set(reductions[0]) == {3 * (4 if reduce else 1)}
+    assert len(reductions[0]) == 10  # from last.ckpt of step 10 to step 20
     assert (sharded / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors").is_file()  # fit's own export
 
     single = tmp_path / "single"
@@ -108,13 +150,43 @@ def test_fsdp_preset_on_two_processes_resumes_and_equals_one_process(arch, tmp_p
     assert moved > 5e-3  # training moved the weights far beyond the tolerance below (seen: 1.0e-2 moved, 4e-7 apart)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-4, msg=name)
+    if arch == "qwen2":
+        predict_on_one_and_two_ranks(preset, model, sharded / "lightning_logs" / "version_1", tmp_path)
+
+
+def predict_on_one_and_two_ranks(preset: str, model: str, run, tmp_path) -> None:
+    """The FSDP2 preset's predict from its sharded checkpoint, on 2 ranks and on 1 (both sharded models that gather
+    their weights in every forward), and plain predict on the export: the same answers, each prompt once, in order."""
+    prompts = tmp_path / "prompts.jsonl"
+    records = json.load(open(ROOT / "data" / "chatml_val.json"))[:5]  # 5: one rank gets a repeated prompt
+    prompts.write_text("".join(json.dumps(record) + "\n" for record in records))
+    options = [f"--data.predict_path={prompts}", "--data.eval_batch_size=1", "--model.max_new_tokens=12"]
+    answers = {}
+    for devices in (2, 1):
+        out = tmp_path / f"predict{devices}.jsonl"
+        result = subprocess.run(
+            [sys.executable, "-m", "sft_lightning.cli", "predict", "--config", f"configs/{preset}",
+             *on_cpu(model, f"--trainer.devices={devices}"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+             *options, f"--output_path={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        answers[devices] = [json.loads(line) for line in out.read_text().splitlines()]
+    plain = tmp_path / "plain.jsonl"
+    cli_main(["predict", "--config", "configs/tiny.yaml", f"--model.model_name_or_path={run / 'hf_model'}", *options,
+              f"--output_path={plain}"])
+    answers["plain"] = [json.loads(line) for line in plain.read_text().splitlines()]
+    assert [row["messages"] for row in answers[2]] == [record["messages"] for record in records]
+    assert answers[2] == answers[1] == answers["plain"]
+    assert len({row["prediction"] for row in answers[2]}) > 1  # real, differing answers
 
 
 def test_fsdp_bf16_keeps_float32_master_shards_buffers_and_decay_groups(tmp_path):
     result = fit("qwen2.5-7b.yaml", TINY_QWEN, tmp_path, "--trainer.devices=2", "--trainer.precision=bf16-mixed",
                  "--trainer.max_steps=2", "--model.weight_decay=0.1", "--trainer.callbacks+=tests.test_fsdp.LoadRecorder",
-                 f"--trainer.callbacks.path={tmp_path / 'load'}")
+                 f"--trainer.callbacks.path={tmp_path / 'load'}", "--trainer.callbacks+=tests.strict_kernels.StrictVarlen",
+                 f"--trainer.callbacks.path={tmp_path / 'kernel'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # The packed forward reaches the kernel's stand-in in bf16 on every rank (FSDP2 gathers bf16 weights).
+    assert all(set(calls) == {"torch.bfloat16"} for calls in strict_calls(tmp_path / "kernel", ranks=2))
     for rank in (0, 1):
         record = json.loads((tmp_path / f"load.{rank}").read_text())
         # Layers compute in bf16 (FSDP2's MixedPrecisionPolicy) from float32 shards; RoPE stays float32.

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sft_lightning.loss import TokenMetrics, micro_batch_loss, predicting_positions, token_stats
+from sft_lightning.collate import supervised_positions
+from sft_lightning.loss import TokenMetrics, gather_supervised, micro_batch_loss, token_stats
 from sft_lightning.zero import loss_divisor
 from tests.helpers import assert_same_gradients, train_gradients
 
@@ -12,10 +13,11 @@ from tests.helpers import assert_same_gradients, train_gradients
 def test_token_stats_sum_and_count_supervised_positions_only():
     logits = torch.randn(2, 4, 5)
     labels = torch.tensor([[-100, 1, 2, -100], [-100, -100, 3, -100]])
-    positions = predicting_positions(labels)
-    assert positions.tolist() == [0, 1]  # the logits the LM head computes: position 2 predicts nothing trained
-    stats = token_stats(logits[:, positions], labels[:, positions + 1])
-    assert token_stats(logits[:, :-1], labels[:, 1:]) == stats  # every position: the same numbers
+    positions = supervised_positions(labels)
+    assert positions.keep.tolist() == [0, 1]  # the logits the LM head computes: position 2 predicts nothing trained
+    # of the kept (row, position) pairs (0,0) (0,1) (1,0) (1,1), row 1's position 0 predicts a masked label
+    assert positions.index.tolist() == [0, 1, 3] and positions.targets.tolist() == [1, 2, 3]
+    stats = token_stats(gather_supervised(logits[:, positions.keep], positions), positions.targets)
     expected = sum(
         F.cross_entropy(logits[b, t - 1], labels[b, t], reduction="sum") for b, t in [(0, 1), (0, 2), (1, 2)]
     )
@@ -34,10 +36,10 @@ def test_micro_batch_loss_undoes_lightning_ddp_and_deepspeed_averaging():
 
 def test_token_metrics_are_a_token_mean_not_a_mean_of_batch_means():
     metric = TokenMetrics()
-    metric.update(token_stats(torch.zeros(1, 2, 4), torch.tensor([[1, 2]])))  # 2 tokens, nll ln 4 each
-    logits = torch.zeros(1, 1, 4)
-    logits[0, 0, 3] = 50.0
-    metric.update(token_stats(logits, torch.tensor([[3]])))  # 1 token, nll ~0, correct
+    metric.update(token_stats(torch.zeros(2, 4), torch.tensor([1, 2])))  # 2 tokens, nll ln 4 each
+    logits = torch.zeros(1, 4)
+    logits[0, 3] = 50.0
+    metric.update(token_stats(logits, torch.tensor([3])))  # 1 token, nll ~0, correct
     values = metric.compute()
     assert values["loss"].item() == pytest.approx(2 * math.log(4) / 3, rel=1e-6)
     assert values["ppl"].item() == pytest.approx(math.exp(2 * math.log(4) / 3), rel=1e-6)
@@ -60,7 +62,7 @@ def test_batch_8_equals_batch_2_with_accumulation_4(monkeypatch, tmp_path):
 
     def remember_count(self, batch):
         stats = original(self, batch)
-        last_count.append(stats.supervised_tokens.item())
+        last_count.append(stats.supervised_tokens)
         return stats
 
     monkeypatch.setattr(module_py.SFTLitModule, "score", remember_count)

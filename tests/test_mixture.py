@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from sft_lightning import tokenized
 from sft_lightning.cli import cli_main
@@ -104,7 +105,8 @@ def test_two_ranks_draw_the_same_mixture_and_share_it_without_overlap(sources):
         data = ChatMLDataModule(train_path=[{"path": sources[n], "weight": w} for n, w in WEIGHTS.items()],
                                 tokenizer_path=TINY_QWEN, max_length=256, batch_size=4, cache_dir=None)
         # What the data module reads of its trainer (a stand-in here; test_resume runs the real one).
-        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, accumulate_grad_batches=2, training=True)
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, accumulate_grad_batches=2, training=True,
+                                       strategy=SimpleNamespace(root_device=torch.device("cpu")))
         data.setup("fit")
         ranks.append((data, [(epoch_sources_of(data, batch), batch.step_supervised_tokens) for batch in data.train_dataloader()]))
     (first, batches0), (second, batches1) = ranks

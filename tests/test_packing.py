@@ -1,5 +1,8 @@
 """Packing: exact rows and tensors, and packed samples computing exactly what they compute alone."""
 
+import importlib.util
+from collections import Counter
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,7 +14,9 @@ from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
 from sft_lightning.render import IGNORE_INDEX, load_tokenizer
 from sft_lightning.tokenized import tokenize_split
 from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN
+from sft_lightning.varlen import VarlenKernel, _cuda_varlen_kernel, run_varlen
 from tests.helpers import packed_logit_mismatch
+from tests.strict_kernels import installed_varlen_attn, reference_attention, strict_varlen_attn
 
 X = IGNORE_INDEX
 
@@ -36,7 +41,15 @@ def test_collate_packed_tensors():
     assert batch.labels.tolist() == [[X, 6, 7, 8, X, 10, 11], [X, 13, X, X, X, X, X]]
     assert batch.cu_seq_lens.tolist() == [0, 4, 7, 9, 14]  # rows end to end; row 2's padding is a segment
     assert batch.max_seq_len == 5  # a plain int, computed once for every layer's kernel
-    assert batch.sample_lengths.tolist() == [4, 3, 2]
+    assert batch.counts == (3, 9, 6, 14, 4 * 4 + 3 * 3 + 2 * 2)  # samples, tokens, supervised, slots, sum of squares
+    # Where the LM head runs, rows as they are (positions 0-5 predict a label in row 1; position 0 in row 2) ...
+    assert batch.supervision_rows.keep.tolist() == [0, 1, 2, 4, 5]
+    assert batch.supervision_rows.index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert batch.supervision_rows.targets.tolist() == [6, 7, 8, 10, 11, 13]
+    # ... and laid end to end: exactly the supervised positions, each with its target
+    assert batch.supervision_flat.keep.tolist() == [0, 1, 2, 4, 5, 7]
+    assert batch.supervision_flat.index.tolist() == list(range(6))
+    assert batch.supervision_flat.targets.tolist() == [6, 7, 8, 10, 11, 13]
     assert not hasattr(batch, "attention_mask")  # packed rows have no padding mask: positions separate them
 
 
@@ -54,18 +67,20 @@ def test_packed_logits_and_losses_equal_one_by_one(model_dir, attn):
     # Per-sample losses through the training loss path, two rows of three samples.
     rows = [samples[:3], samples[3:]]
     batch = collate_packed(rows, pad_token_id=0)
-    inputs, labels = packed_model_inputs(batch, attn)
+    inputs, _ = packed_model_inputs(batch, attn)
     row_length = batch.input_ids.shape[1]
+    labels = batch.labels.reshape(-1)
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits.reshape(-1, model.config.vocab_size)
-        labels = labels.reshape(-1)
         for row, row_samples in enumerate(rows):
             start = row * row_length
             for ids, sample_labels in row_samples:
-                span = slice(start, start + len(ids) - 1)
-                packed = token_stats(logits[span], labels[start + 1 : start + len(ids)])
+                span = torch.arange(start, start + len(ids) - 1)
+                targets = labels[start + 1 : start + len(ids)]
+                packed = token_stats(logits[span[targets != X]], targets[targets != X])
                 alone = model(input_ids=torch.as_tensor(ids)[None], use_cache=False).logits[0, :-1]
-                single = token_stats(alone, torch.as_tensor(sample_labels)[1:])
+                single_targets = torch.as_tensor(sample_labels)[1:]
+                single = token_stats(alone[single_targets != X], single_targets[single_targets != X])
                 assert packed.supervised_tokens == single.supervised_tokens > 0
                 torch.testing.assert_close(packed.nll_sum, single.nll_sum, atol=1e-5, rtol=1e-6)
                 start += len(ids)
@@ -125,36 +140,104 @@ def test_fit_refuses_to_pack_when_samples_mix(monkeypatch, tmp_path, capsys):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                          enable_gqa=False):
-    """torch.nn.attention.varlen.varlen_attn's contract, written out with explicit softmax attention (the real
-    kernel is CUDA only): (tokens, heads, dim) inputs, samples given by the boundaries."""
-    assert cu_seq_q is cu_seq_k and window_size == (-1, 0) and isinstance(max_q, int)
-    ends = cu_seq_q.tolist()
-    assert max_q == max(b - a for a, b in zip(ends, ends[1:]))
-    if enable_gqa:
-        key, value = (t.repeat_interleave(query.shape[1] // t.shape[1], dim=1) for t in (key, value))
-    output = torch.empty_like(query)
-    for start, end in zip(ends, ends[1:]):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (heads, tokens, dim)
-        scores = q @ k.transpose(1, 2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-        output[start:end] = (scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v).transpose(0, 1)
-    return output
+# The signatures of torch.nn.attention.varlen.varlen_attn in the releases before the installed one (see
+# sft_lightning/varlen.py); the stand-in binds every call against the one it is given.
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None): ...
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)): ...
+
+
+SIGNATURES = {"installed": installed_varlen_attn, "2.10": varlen_attn_2_10, "2.11": varlen_attn_2_11}
+
+
+def kernel_and_loop_logits(model, inputs, monkeypatch, signature=installed_varlen_attn):
+    """The model's logits with the strict stand-in as the kernel, and with the per-sample loop; and the calls."""
+    import sft_lightning.attention as attention
+
+    calls = Counter()
+    with torch.no_grad():
+        loop = model(**inputs, use_cache=False).logits
+        kernel = VarlenKernel.of(strict_varlen_attn(signature, calls))
+        monkeypatch.setattr(attention, "varlen_kernel", lambda device: kernel)
+        return model(**inputs, use_cache=False).logits, loop, calls
 
 
 @pytest.mark.parametrize("model_dir", [TINY_QWEN, TINY_LLAMA], ids=["qwen2", "llama"])
-def test_one_varlen_kernel_call_per_layer_equals_the_per_sample_loop(model_dir, monkeypatch):
-    import sft_lightning.attention as attention
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=SDPA_VARLEN).eval()
+@pytest.mark.parametrize("signature", SIGNATURES)
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-weights", "fp16-weights"])
+def test_one_varlen_kernel_call_per_layer_in_every_precision_and_signature(model_dir, signature, precision, monkeypatch):
+    # float32 weights under bf16 autocast are what bf16-mixed trains: RoPE leaves q/k in float32 while v is bf16,
+    # which the kernel refuses unless they are brought to one half dtype first. Both tiny models use GQA.
+    dtype = {"bf16-autocast": torch.float32, "bf16-weights": torch.bfloat16, "fp16-weights": torch.float16}[precision]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=SDPA_VARLEN, dtype=dtype).eval()
     samples = chat_samples(model_dir)
-    batch = collate_packed([samples[:3], samples[3:]], pad_token_id=0)
-    inputs, _ = packed_model_inputs(batch, SDPA_VARLEN)
-    with torch.no_grad():
-        loop = model(**inputs, use_cache=False).logits
-        calls = []
-        monkeypatch.setattr(attention, "varlen_kernel", lambda device: lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
-        kernel = model(**inputs, use_cache=False).logits
-    assert len(calls) == model.config.num_hidden_layers  # one call per layer for the whole batch
-    torch.testing.assert_close(kernel, loop, rtol=1e-5, atol=1e-5)
+    inputs, _ = packed_model_inputs(collate_packed([samples[:3], samples[3:]], pad_token_id=0), SDPA_VARLEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+        kernel, loop, calls = kernel_and_loop_logits(model, inputs, monkeypatch, SIGNATURES[signature])
+    half = torch.float16 if precision == "fp16-weights" else torch.bfloat16
+    assert calls == {str(half): model.config.num_hidden_layers}  # one call per layer for the whole batch
+    torch.testing.assert_close(kernel.float(), loop.float(), rtol=0, atol=0.05 * loop.float().abs().max().item())
+
+
+def test_float32_without_autocast_runs_the_per_sample_loop(monkeypatch):
+    # The kernel takes no float32 (32-true on a GPU): the samples run one by one, never a kernel error.
+    model = AutoModelForCausalLM.from_pretrained(TINY_QWEN, attn_implementation=SDPA_VARLEN).eval()
+    inputs, _ = packed_model_inputs(collate_packed([chat_samples(TINY_QWEN)], pad_token_id=0), SDPA_VARLEN)
+    kernel, loop, calls = kernel_and_loop_logits(model, inputs, monkeypatch)
+    assert not calls
+    torch.testing.assert_close(kernel, loop, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("signature", SIGNATURES)
+def test_a_scale_and_a_window_reach_every_signature_or_fall_back(signature):
+    torch.manual_seed(0)
+    query, key, value = torch.randn(9, 4, 8, dtype=torch.bfloat16), *torch.randn(2, 9, 2, 8, dtype=torch.bfloat16)
+    bounds = torch.tensor([0, 5, 9], dtype=torch.int32)
+    kernel = VarlenKernel.of(strict_varlen_attn(SIGNATURES[signature]))
+    expected = reference_attention(query, key, value, bounds, 0.3, (-1, 0))
+    # A scale that is not 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar): 2.10 has no `scale`, so q is pre-scaled.
+    got = run_varlen(kernel, query, key, value, bounds, 5, 0.3, None)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=0.02)
+    windowed = run_varlen(kernel, query, key, value, bounds, 5, None, 2)
+    if signature == "2.10":
+        assert windowed is None  # no window_size before 2.11: the caller runs the loop
+    else:
+        torch.testing.assert_close(windowed, reference_attention(query, key, value, bounds, None, (1, 0)), rtol=0, atol=0.02)
+
+
+def test_the_strict_stand_in_refuses_what_the_kernel_refuses():
+    query = torch.randn(9, 4, 8, dtype=torch.bfloat16)
+    bounds = torch.tensor([0, 5, 9], dtype=torch.int32)
+    strict = strict_varlen_attn()
+    causal = {"window_size": (-1, 0)}
+    with pytest.raises(RuntimeError, match="only support fp16 and bf16"):
+        strict(query.float(), query.float(), query.float(), bounds, bounds, 5, 5, **causal)
+    with pytest.raises(RuntimeError, match="query and key must have the same dtype"):
+        strict(query, query.float(), query, bounds, bounds, 5, 5, **causal)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must have dtype int32"):
+        strict(query, query, query, bounds.long(), bounds.long(), 5, 5, **causal)
+    with pytest.raises(RuntimeError, match="contiguous last dimension"):
+        transposed = torch.randn(9, 8, 4, dtype=torch.bfloat16).transpose(1, 2)
+        strict(transposed, transposed, transposed, bounds, bounds, 5, 5, **causal)
+    with pytest.raises(ValueError, match="Try setting enable_gqa=True"):
+        strict(query, query[:, :2], query[:, :2], bounds, bounds, 5, 5, **causal)
+    with pytest.raises(TypeError):  # 2.11 has no enable_gqa: the call that broke every packed run on torch 2.11
+        strict_varlen_attn(varlen_attn_2_11)(query, query[:, :2], query[:, :2], bounds, bounds, 5, 5, enable_gqa=True)
+
+
+def test_no_kernel_before_ampere_or_before_torch_2_10_says_so_in_one_line(monkeypatch, caplog):
+    import sys
+
+    _cuda_varlen_kernel.cache_clear()
+    has_kernel = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    assert _cuda_varlen_kernel((8, 0)) == (VarlenKernel.of(installed_varlen_attn) if has_kernel else None)
+    assert _cuda_varlen_kernel((7, 5)) is None
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # as on torch 2.9: an ImportError
+    _cuda_varlen_kernel.cache_clear()
+    assert _cuda_varlen_kernel((9, 0)) is None
+    _cuda_varlen_kernel.cache_clear()
+    lines = caplog.text.splitlines()  # rank_zero_info logs
+    assert any("(sm75) predates FlashAttention (sm80)" in line for line in lines)
+    assert any("has no variable-length attention kernel" in line for line in lines)

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from sft_lightning.checkpointing import AtomicCheckpointIO
+from sft_lightning.checkpointing import AtomicCheckpointIO, save_beside
 from sft_lightning.lightning_cli import SFTLightningCLI
 from tests.conftest import ACCUMULATE, ROOT, final_weights
 from tests.conftest import tiny_fit as fit
@@ -56,6 +56,41 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class OneRank:
+    """What save_beside asks of a strategy, for one process."""
+
+    is_global_zero = True
+
+    def broadcast(self, value):
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_a_sharded_checkpoint_killed_mid_write_leaves_the_previous_one(tmp_path):
+    # The folders FSDP2 and DeepSpeed write: every rank a part, then renamed into place.
+    path = tmp_path / "last.ckpt"
+
+    def write(step: int, dies: bool = False):
+        def into(folder):
+            folder.mkdir()
+            (folder / "rank0").write_text(str(step))
+            if dies:
+                raise KeyboardInterrupt  # stands in for the kill, after one rank's part
+            (folder / "rank1").write_text(str(step))
+
+        return into
+
+    save_beside(OneRank(), path, write(1))
+    with pytest.raises(KeyboardInterrupt):
+        save_beside(OneRank(), path, write(2, dies=True))
+    assert {p.name: p.read_text() for p in path.iterdir()} == {"rank0": "1", "rank1": "1"}
+    save_beside(OneRank(), path, write(3))  # the next save clears what the kill left beside it
+    assert {p.name: p.read_text() for p in path.iterdir()} == {"rank0": "3", "rank1": "3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 def test_save_last_link_never_points_at_an_older_step(tmp_path, monkeypatch):

@@ -1,11 +1,16 @@
 """Scale: the memory planner against the usual accounting, the presets' stated memory, sharded-checkpoint export."""
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
+from safetensors.torch import load_file
 
 from sft_lightning.adapters import LoRA
 from sft_lightning.cli import cli_main
@@ -79,22 +84,67 @@ def test_preset_header_states_the_planned_memory_and_it_fits(preset, capsys):
     assert "fits a 80 GB GPU" in report
 
 
-def test_fsdp_sharded_checkpoint_exports_to_one_folder(tmp_path):
+def write_sharded_checkpoint(module: SFTLitModule, folder) -> None:
     """The layout FSDP2Strategy (Lightning's ModelParallelStrategy) writes: torch.distributed.checkpoint shards of
     {"state_dict": ..., "optimizer_0": ...} and the rest in meta.pt. Written here by one process."""
+    dcp.save({"state_dict": module.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}}, checkpoint_id=folder)
+    torch.save({"hyper_parameters": dict(module.hparams), "global_step": 100}, folder / "meta.pt")
+
+
+def test_fsdp_sharded_checkpoint_exports_to_one_folder(tmp_path):
     module = SFTLitModule(TINY_QWEN)
     module.configure_model()
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.add_(0.01)  # weights that differ from the pretrained folder
     folder = tmp_path / "step100.ckpt"
-    dcp.save({"state_dict": module.state_dict(), "optimizer_0": {"state": {"0": torch.ones(3)}}}, checkpoint_id=folder)
-    torch.save({"hyper_parameters": dict(module.hparams), "global_step": 100}, folder / "meta.pt")
+    write_sharded_checkpoint(module, folder)
     restored = load_trained_module(folder)
     for name, tensor in module.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0)
     cli_main(["export", f"--ckpt_path={folder}", f"--output_dir={tmp_path / 'hf'}"])
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+# The process's peak resident memory (VmHWM: of this address space, where ru_maxrss would carry over the parent's).
+EXPORT_PEAK = """
+import json, re, sys
+from sft_lightning.export import export
+from transformers import AutoTokenizer  # imported before the baseline, as export imports it
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+baseline = peak()
+export(sys.argv[1], sys.argv[2])
+print(json.dumps({"baseline_kib": baseline, "peak_kib": peak()}))
+"""
+
+
+def test_export_of_a_sharded_checkpoint_holds_about_one_copy_of_the_weights(tmp_path):
+    # A model of 185 MB in float32 (46M parameters), whose config says bfloat16, as Qwen2.5's and Llama 3's do.
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_QWEN, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=32000, dtype="bfloat16", layer_types=["full_attention"] * 8)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").unlink()  # nothing to read: the checkpoint holds the weights
+    module = SFTLitModule(str(folder))
+    module.build(pretrained=False)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(0, 0.02)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert weight_bytes > 150e6
+    write_sharded_checkpoint(module, tmp_path / "last.ckpt")
+    del module
+    result = subprocess.run([sys.executable, "-c", EXPORT_PEAK, str(tmp_path / "last.ckpt"), str(tmp_path / "hf")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    extra = (rss["peak_kib"] - rss["baseline_kib"]) * 1024
+    print(f"export: peak RSS {extra / 1e6:.0f} MB above the imports, for {weight_bytes / 1e6:.0f} MB of float32 weights")
+    assert extra < 1.5 * weight_bytes
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert {tensor.dtype for tensor in exported.values()} == {torch.bfloat16}  # the model's own dtype by default
 
 
 ESTIMATOR_PRESETS = ["qwen2.5-7b", "qwen2.5-7b-deepspeed", "llama3-8b", "llama3-8b-deepspeed", "qwen2.5-72b",

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from sft_lightning.collate import batch_counts
 from sft_lightning.throughput import FlopParameters, ThroughputLogger, dense_peak_flops, matmul_parameters, training_flops
 from tests.conftest import TINY_LLAMA, TINY_QWEN
 
@@ -53,9 +54,9 @@ def test_partitioned_parameters_count_whole():
 
 def test_the_lm_head_counts_only_where_it_runs():
     config = AutoConfig.from_pretrained(TINY_QWEN)
-    lengths = torch.tensor([10, 20])
-    one = training_flops(config, FlopParameters(1000, 500), lengths, torch.tensor(5))
-    more = training_flops(config, FlopParameters(1000, 500), lengths, torch.tensor(6))
-    assert (more - one).item() == 6 * 500  # one more position through the head
+    counts = batch_counts([10, 20], supervised=5, slots=40)
+    one = training_flops(config, FlopParameters(1000, 500), counts)
+    more = training_flops(config, FlopParameters(1000, 500), counts._replace(supervised=6))
+    assert more - one == 6 * 500  # one more position through the head
     attention = 12 * config.num_hidden_layers * config.hidden_size * (10**2 + 20**2)
-    assert one.item() == 6 * 1000 * 30 + 6 * 500 * 5 + attention
+    assert one == 6 * 1000 * 30 + 6 * 500 * 5 + attention

@@ -1,0 +1,24 @@
+"""The device check runs end to end (on this CPU, the path it takes on a GPU) and writes nothing it does not remove."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_three_parts_and_leaves_nothing(tmp_path):
+    out = tmp_path / "check"
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--steps=2", f"--out={out}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout
+    assert "[1] attention:" in report and re.search(r"influence 0\b", report)  # the packing check, measured
+    for part in ("[2] qwen2.5-0.5b.yaml", "[3] qwen2.5-7b.yaml on one device"):
+        section = report.split(part, 1)[1]
+        assert re.search(r"throughput/tokens_per_s\s+[\d.]+", section) and "total per GPU" in section
+    assert re.search(r"sft-lightning / plain: [\d.]+", report)
+    assert not out.exists()  # no checkpoint, no export, and the run folders removed
