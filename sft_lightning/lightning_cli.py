@@ -29,7 +29,7 @@ from sft_lightning.preemption import Preemption
 from sft_lightning.render import load_tokenizer
 from sft_lightning.throughput import ThroughputLogger
 from sft_lightning.writers import JsonlPredictionWriter
-from sft_lightning.zero import deepspeed_config
+from sft_lightning.zero import deepspeed_config, evaluation_checkpoint_refusal
 
 # SFTLitModule arguments that only decide how predict (and chat) generate.
 GENERATION_SETTINGS = ("max_new_tokens", "temperature", "top_p")
@@ -143,11 +143,15 @@ class SFTLightningCLI(LightningCLI):
         tokenizer = load_tokenizer(model.model_name_or_path, model.trust_remote_code)
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         self._resolve_last_checkpoint()
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        config = deepspeed_config(self.trainer.strategy)
+        refusal = None if self.subcommand == "fit" else evaluation_checkpoint_refusal(config, ckpt_path)
+        if refusal is not None:
+            raise ConfigError(refusal)
         # One tokenizer (and one ChatML fallback) for the model and the data; a checkpoint's weights replace the
         # pretrained ones, which are then never read.
-        self.model.connect(tokenizer, checkpoint_follows=self.config_init[self.subcommand].get("ckpt_path") is not None)
+        self.model.connect(tokenizer, checkpoint_follows=ckpt_path is not None)
         self.datamodule.connect(tokenizer)
-        config = deepspeed_config(self.trainer.strategy)
         if config is not None:
             # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the
             # micro-batch off the loader's batch_sampler, which a loader of whole micro-batches does not have.

@@ -119,6 +119,17 @@ def at_optimizer_step(strategy: Strategy) -> bool:
     return strategy.deepspeed_engine.is_gradient_accumulation_boundary()
 
 
+def evaluation_checkpoint_refusal(config: Optional[dict[str, Any]], ckpt_path: Optional[str]) -> Optional[str]:
+    """Why ``validate/test/predict --ckpt_path`` cannot load this checkpoint, or None. DeepSpeed 0.19.8 restores
+    ZeRO-3 weights only through the optimizer's float32 partitions, which an evaluation engine does not have
+    (``engine.load_checkpoint`` fails in ``_restore_from_bit16_weights``); the exported folder loads fine."""
+    if ckpt_path is None or not is_zero3(config):
+        return None
+    return (f"{ckpt_path}: DeepSpeed cannot load a ZeRO-3 checkpoint to evaluate or predict (only to resume training): "
+            f"export it (sft-lightning export --ckpt_path {ckpt_path} --output_dir D) and run with "
+            "--model.model_name_or_path D instead of --ckpt_path")
+
+
 def skips_nonfinite_steps(config: dict[str, Any]) -> bool:
     """Whether DeepSpeed itself skips a step whose gradients overflow: ZeRO-1/2 in fp16, or in bf16 with its
     ``check_grad_overflow`` on. ZeRO-3 checks only in fp16, and fp32 never."""

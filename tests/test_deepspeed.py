@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp3
 from safetensors.torch import load_file
 
 from sft_lightning.checkpoint_loading import load_trained_module
+from sft_lightning.cli import cli_main
 from sft_lightning.zero import DeepSpeedStrategy, at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
 from tests.conftest import ROOT, TINY_QWEN, cli_fit, fit_here
 from tests.helpers import assert_same_gradients
@@ -159,3 +160,17 @@ def test_zero3_bf16_loads_pretrained_partitions_and_rebuilds_rope_in_float32():
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["before"] == "torch.bfloat16"  # what zero.Init makes of it
     assert record == {"before": "torch.bfloat16", "rebuilt": 1, "loaded": True, "exact": True}
+
+
+def test_evaluating_a_zero3_checkpoint_is_refused_with_the_way_round(tmp_path, capsys, monkeypatch):
+    # DeepSpeed 0.19.8 loads ZeRO-3 weights only through an optimizer, which validate/test/predict do not build.
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["predict", "--config", f"configs/{PRESET}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                  "--trainer.precision=32-true", "--trainer.strategy=tests.cpu_deepspeed.CPUDeepSpeedStrategy",
+                  "--trainer.strategy.stage=3", f"--model.model_name_or_path={TINY_QWEN}", f"--ckpt_path={tmp_path}",
+                  f"--data.predict_path={ROOT / 'data' / 'chatml_val.json'}", f"--output_path={tmp_path / 'out.jsonl'}"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "cannot load a ZeRO-3 checkpoint to evaluate or predict" in error[0]
+    assert f"sft-lightning export --ckpt_path {tmp_path}" in error[0] and not (tmp_path / "out.jsonl").exists()
