@@ -166,17 +166,19 @@ def kernel_and_loop_logits(model, inputs, monkeypatch, signature=installed_varle
 
 @pytest.mark.parametrize("model_dir", [TINY_QWEN, TINY_LLAMA], ids=["qwen2", "llama"])
 @pytest.mark.parametrize("signature", SIGNATURES)
-@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-weights", "fp16-weights"])
+@pytest.mark.parametrize("precision", ["bf16-autocast", "fp16-autocast", "bf16-weights", "fp16-weights"])
 def test_one_varlen_kernel_call_per_layer_in_every_precision_and_signature(model_dir, signature, precision, monkeypatch):
-    # float32 weights under bf16 autocast are what bf16-mixed trains: RoPE leaves q/k in float32 while v is bf16,
-    # which the kernel refuses unless they are brought to one half dtype first. Both tiny models use GQA.
-    dtype = {"bf16-autocast": torch.float32, "bf16-weights": torch.bfloat16, "fp16-weights": torch.float16}[precision]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=SDPA_VARLEN, dtype=dtype).eval()
+    # float32 weights under bf16 (fp16) autocast are what bf16-mixed (16-mixed) trains: RoPE leaves q/k in float32
+    # while v is half, which the kernel refuses unless they are brought to one half dtype first. Both tiny models use
+    # GQA.
+    half = torch.float16 if precision.startswith("fp16") else torch.bfloat16
+    autocast = precision.endswith("autocast")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=SDPA_VARLEN,
+                                                 dtype=torch.float32 if autocast else half).eval()
     samples = chat_samples(model_dir)
     inputs, _ = packed_model_inputs(collate_packed([samples[:3], samples[3:]], pad_token_id=0), SDPA_VARLEN)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+    with torch.autocast("cpu", dtype=half, enabled=autocast):
         kernel, loop, calls = kernel_and_loop_logits(model, inputs, monkeypatch, SIGNATURES[signature])
-    half = torch.float16 if precision == "fp16-weights" else torch.bfloat16
     assert calls == {str(half): model.config.num_hidden_layers}  # one call per layer for the whole batch
     torch.testing.assert_close(kernel.float(), loop.float(), rtol=0, atol=0.05 * loop.float().abs().max().item())
 
