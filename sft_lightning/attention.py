@@ -60,12 +60,22 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, **kwargs) -> 
     flat = [t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value)]
     outputs = []
     for start, end in zip(ends[:-1], ends[1:]):
-        if window is not None and end - start > window:
-            raise ValueError(f"a packed sample of {end - start} tokens exceeds the sliding window {window}: use sdpa")
         q, k, v = (t[:, :, start:end] for t in flat)
-        outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+        if window is not None and end - start > window:  # a sliding-window layer: causal, and no further back
+            mask = sliding_window_mask(end - start, window, query.device)
+            outputs.append(sdpa_attention_forward(module, q, k, v, mask, is_causal=False, **kwargs)[0])
+        else:
+            outputs.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
     # Each output is (1, tokens, heads, dim); back to (batch, length, heads, dim).
     return torch.cat(outputs, dim=1).reshape(batch, length, heads, dim), None
+
+
+def sliding_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, length, length) bool: a query sees itself and the ``window - 1`` tokens before it (transformers' and
+    FlashAttention's sliding window)."""
+    position = torch.arange(length, device=device)
+    behind = position[:, None] - position[None, :]
+    return ((behind >= 0) & (behind < window))[None, None]
 
 
 def model_inputs(batch: TrainingBatch, attn_implementation: str) -> tuple[dict, SupervisedPositions]:

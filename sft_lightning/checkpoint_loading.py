@@ -41,11 +41,11 @@ def load_trained_module(ckpt_path: str | Path, dtype: Optional[str] = None) -> S
     if arguments.get("quantization") is None:
         module = SFTLitModule(**arguments)
         module.build(pretrained=False, materialize=False)
+        materialize_buffers(module.model)  # before the weights: computing them may reset their module's parameters
         # The meta module's own state dict is the layout to read into: tied weights (one tensor, two names) once.
         state_dict = drop_head_copy(read_state_dict(path, dtype, layout=module.state_dict(keep_vars=True)))
         module.load_state_dict(state_dict, assign=True)
         del state_dict  # the model holds these tensors now, and nothing else does
-        materialize_buffers(module.model)
         module.model.tie_weights()
         return module
     state_dict = drop_head_copy(read_state_dict(path))
@@ -64,10 +64,11 @@ def load_trained_module(ckpt_path: str | Path, dtype: Optional[str] = None) -> S
 
 def materialize_buffers(model: torch.nn.Module) -> None:
     """Give the buffers that no state dict holds (left on the meta device by a meta build) host memory and their
-    values."""
+    values; before the weights are loaded (see :func:`~sft_lightning.module.init_buffers`)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA's wrapper
+    non_persistent = {name for name, _ in model.named_non_persistent_buffers()}
     for name, buffer in model.named_buffers():
-        if buffer.is_meta:  # the state dict filled every other one
+        if buffer.is_meta and name in non_persistent:
             owner, _, attribute = name.rpartition(".")
             model.get_submodule(owner).register_buffer(attribute, torch.empty_like(buffer, device="cpu"), persistent=False)
     init_buffers(model)

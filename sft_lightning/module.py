@@ -19,6 +19,7 @@ from sft_lightning.checkpointing import newest_checkpoint
 from sft_lightning.collate import BatchCounts, PackedBatch, TrainingBatch
 from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
 from sft_lightning.generation import GenerationSettings, generate_replies
+from sft_lightning.linear_attention import keep_linear_attention_apart
 from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
 from sft_lightning.nonfinite import NonFiniteGuard
 from sft_lightning.loss import TokenMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
@@ -66,8 +67,9 @@ def build_causal_lm(
 
 
 def init_buffers(model) -> None:
-    """Compute the buffers that no state dict holds (the rotary ``inv_freq``) of a model whose tensors were
-    created empty (``to_empty`` after the meta device); parameters are left for a checkpoint to fill.
+    """Compute the buffers that no state dict holds (the rotary ``inv_freq``, Gemma's ``embed_scale``) of a model whose
+    tensors were created empty (``to_empty`` after the meta device). Call it before the weights are loaded: it may
+    reset the parameters of a module that owns such a buffer (Gemma's scaled embedding).
 
     transformers 5.24 computes these buffers in ``PreTrainedModel._init_weights`` (private), which is applied here
     only to the modules that own such a buffer, the same way ``from_pretrained`` applies it to them."""
@@ -157,6 +159,7 @@ class SFTLitModule(LightningModule):
         self._nonfinite = NonFiniteGuard(nonfinite_patience)
         self._step_loss = torch.zeros(())
         self._checkpoint_follows = False  # set by connect(): the weights come from a checkpoint, not the folder
+        self._linear_layers = 0  # linear-attention layers that run packed rows sample by sample
 
     @property
     def generation_settings(self) -> GenerationSettings:
@@ -225,6 +228,7 @@ class SFTLitModule(LightningModule):
             model.resize_token_embeddings(len(self.tokenizer), mean_resizing=pretrained)
         if h.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._linear_layers = keep_linear_attention_apart(model)
         if h.lm_head_chunk_tokens:
             why_not = install_chunked_head(model, h.lm_head_chunk_tokens)
             if why_not and pretrained:
@@ -256,10 +260,12 @@ class SFTLitModule(LightningModule):
         self.model.train(was_training)
         influence = self.all_gather(influence).max().item()
         if influence > PACKING_CHECK_TOLERANCE:
+            # Linear-attention layers learn the sample boundaries only from the variable-length inputs.
+            fits = "sdpa_varlen or flash_attention_2" if self._linear_layers else "sdpa_varlen, sdpa or flash_attention_2"
             raise PackingError(
                 f"packed samples attend to each other with attn_implementation={attn} (a sample's logits move by "
-                f"{influence:.3g} of their scale when the sample before it changes): use sdpa_varlen, sdpa or "
-                "flash_attention_2, or set data.packing false"
+                f"{influence:.3g} of their scale when the sample before it changes): use {fits}, or set "
+                "data.packing false"
             )
 
     def _before_first_forward(self) -> None:
