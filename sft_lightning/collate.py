@@ -96,6 +96,7 @@ class PaddedBatch(_Batch):
     labels: torch.Tensor  # IGNORE_INDEX where nothing is trained (prompt tokens, padding)
     supervision: SupervisedPositions
     counts: BatchCounts
+    real_tokens: torch.Tensor  # bool: the tokens that count in per-token statistics (MoE router balance); none in a ghost
     # Supervised tokens of the whole optimizer step (every micro-batch on every rank): the loss's denominator.
     step_supervised_tokens: Optional[int] = None
 
@@ -115,6 +116,7 @@ class PackedBatch(_Batch):
     supervision_rows: SupervisedPositions
     supervision_flat: SupervisedPositions
     counts: BatchCounts
+    real_tokens: torch.Tensor  # bool: the samples' tokens, not the rows' padding (none in a ghost micro-batch)
     step_supervised_tokens: Optional[int] = None
 
 
@@ -146,14 +148,16 @@ def pad_sequences(
 
 def collate_training(
     input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int,
-    step_supervised_tokens: Optional[int] = None,
+    step_supervised_tokens: Optional[int] = None, ghost: bool = False,
 ) -> PaddedBatch:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for the loss."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for the loss; ``ghost``: a stand-in micro-batch
+    that trains nothing (a rank with no sample left in the last step), whose tokens count nowhere."""
     ids, attention_mask = pad_sequences(input_ids, pad_token_id)
     padded_labels, _ = pad_sequences(labels, IGNORE_INDEX)
     supervision = supervised_positions(padded_labels)
     counts = batch_counts([len(s) for s in input_ids], len(supervision.targets), ids.numel())
-    return PaddedBatch(ids, attention_mask, padded_labels, supervision, counts, step_supervised_tokens)
+    real_tokens = attention_mask.bool() & (not ghost)
+    return PaddedBatch(ids, attention_mask, padded_labels, supervision, counts, real_tokens, step_supervised_tokens)
 
 
 def collate_prompts(

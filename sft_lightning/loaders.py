@@ -41,9 +41,9 @@ class MicroBatchDataset(Dataset):
         if self.rows is None:
             chosen = [sample(i) for i in micro.indices]
             return collate_training([ids for ids, _ in chosen], [labels for _, labels in chosen], self.pad_token_id,
-                                    micro.step_supervised_tokens)
+                                    micro.step_supervised_tokens, ghost=micro.ghost)
         rows = [[sample(i) for i in self.rows[r]] for r in micro.indices]
-        return collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens)
+        return collate_packed(rows, self.pad_token_id, micro.step_supervised_tokens, ghost=micro.ghost)
 
 
 class PromptDataset(Dataset):

@@ -9,19 +9,21 @@ accumulation count.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
 from sft_lightning.collate import SupervisedPositions
+from sft_lightning.moe import RouterBalance
 
 
 class TokenStats(NamedTuple):
     nll_sum: torch.Tensor  # float32 scalar
     supervised_tokens: int  # known on the host (the collate counted them)
     correct: torch.Tensor  # int scalar: argmax predictions equal to the label
+    router: Optional[RouterBalance] = None  # a mixture-of-experts model in training: its load-balancing loss
 
 
 def gather_supervised(values: torch.Tensor, positions: SupervisedPositions) -> torch.Tensor:

@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft_lightning.adapters import as_lora
 from sft_lightning.errors import ConfigError
+from sft_lightning.moe import moe_of
 
 GB = 2**30
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -82,6 +83,7 @@ class MemoryPlan:
     host_per_node: float = 0.0  # host RAM that offloading needs on each node
     optimizer_temporary: float = 0.0  # AdamW's step: a float32 square root of the second moments
     accumulated_gradients: float = 0.0  # FSDP2 between reductions: an unsharded float32 gradient
+    active: int = 0  # parameters a token goes through (a mixture of experts uses a few of its experts)
 
     @property
     def state(self) -> float:
@@ -163,6 +165,7 @@ def plan_memory(
         parameters, trainable, gpus, sharding, weights, gradients, optimizer,
         with_checkpointing if checkpointing else without, without, with_checkpointing, logits, checkpointing,
         working_set, host * DEEPSPEED_BUFFER_FACTOR / nodes, temporary, trainable * 4.0 if accumulated_gradients else 0.0,
+        counts.active,
     )
 
 
@@ -199,6 +202,7 @@ class ParameterCounts(NamedTuple):
     largest_layer: int  # the largest decoder layer, the unit FSDP2 gathers
     outside_layers: int  # embeddings, LM head, final norm: FSDP2's root unit
     largest_module: int  # the most parameters one module holds itself, the unit ZeRO-3 gathers
+    active: int  # what a token goes through: a mixture of experts' experts by num_experts_per_tok / num_experts
 
 
 def decoder_layer_names(model) -> set[str]:
@@ -217,7 +221,10 @@ def count_parameters(config, lora=None) -> ParameterCounts:
     in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=0)
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    counts = ParameterCounts(total, total, largest_layer, total - in_layers, largest_module)
+    moe = moe_of(config)
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in f".{name}") if moe else 0
+    active = round(total - experts * (1 - moe.top_k / moe.num_experts)) if moe else total
+    counts = ParameterCounts(total, total, largest_layer, total - in_layers, largest_module, active)
     if lora is None:
         return counts
     head = model.get_output_embeddings()
@@ -328,8 +335,9 @@ def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int]
 def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: float) -> str:
     gb = lambda value: f"{value / GB:7.1f} GB"  # noqa: E731
     chosen = "with" if plan.checkpointing else "without"
+    active = f" ({plan.active / 1e9:.2f}B active per token)" if plan.active and plan.active < plan.parameters else ""
     lines = [
-        f"{name}: {plan.parameters / 1e9:.2f}B parameters, {plan.trainable / 1e9:.3f}B trained; {plan.gpus} GPUs, "
+        f"{name}: {plan.parameters / 1e9:.2f}B parameters{active}, {plan.trainable / 1e9:.3f}B trained; {plan.gpus} GPUs, "
         f"{plan.sharding.name}, {precision}",
         f"  weights                              {gb(plan.weights)}",
         f"  gradients                            {gb(plan.gradients)}",

@@ -21,6 +21,7 @@ from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, load
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.linear_attention import keep_linear_attention_apart
 from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
+from sft_lightning.moe import MoE, StepRouter, moe_of, router_balance
 from sft_lightning.nonfinite import NonFiniteGuard
 from sft_lightning.loss import TokenMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
@@ -160,6 +161,14 @@ class SFTLitModule(LightningModule):
         self._step_loss = torch.zeros(())
         self._checkpoint_follows = False  # set by connect(): the weights come from a checkpoint, not the folder
         self._linear_layers = 0  # linear-attention layers that run packed rows sample by sample
+        self._moe: Optional[MoE] = None  # the router balance of a mixture-of-experts model
+        self._step_router = StepRouter()
+
+    @property
+    def _attached_trainer(self):
+        """The trainer, or None where the module runs without one (export, chat, tests). Lightning 2.6.6's
+        ``self.trainer`` raises then; its private ``_trainer`` is the way to ask (used here only)."""
+        return self._trainer
 
     @property
     def generation_settings(self) -> GenerationSettings:
@@ -189,9 +198,7 @@ class SFTLitModule(LightningModule):
             self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         lora = as_lora(h.lora)
-        # Lightning 2.6.6: `self.trainer` raises when no trainer is attached (export and chat call this directly);
-        # its private `_trainer` is the way to ask.
-        self._deepspeed = deepspeed_config(self._trainer.strategy if self._trainer is not None else None)
+        self._deepspeed = deepspeed_config(self._attached_trainer.strategy if self._attached_trainer is not None else None)
         if is_zero3(self._deepspeed):
             self._hf_deepspeed = zero3_loading(self._deepspeed)  # alive while and after from_pretrained runs
         if self.device_mesh is not None:  # set by a ModelParallelStrategy before this hook
@@ -206,6 +213,7 @@ class SFTLitModule(LightningModule):
                 model.tie_weights()  # to_empty gives each tied module a tensor of its own
                 init_buffers(model)
         self._matmul_parameters = matmul_parameters(model)
+        self._moe = moe_of(model.config)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if lora is not None:
@@ -288,23 +296,39 @@ class SFTLitModule(LightningModule):
         inputs, positions = model_inputs(batch, self.model.config._attn_implementation)
         if self._keeps_logits:
             inputs["logits_to_keep"] = positions.keep
+        balancing = self._moe is not None and self.training
+        if balancing:
+            inputs["output_router_logits"] = True
         head = self.model.get_output_embeddings()  # looked up, not kept: a module attribute would be saved twice
+        # use_cache=False is not an optimisation: with a cache, transformers skips the packed-sample mask.
         if isinstance(head, ChunkedLMHead):
             with head.scoring(positions, every_position=not self._keeps_logits):
-                nll_sum, correct = self.model(**inputs, use_cache=False).logits
-            return TokenStats(nll_sum, len(positions.targets), correct.round().long())
-        # use_cache=False is not an optimisation: with a cache, transformers skips the packed-sample mask.
-        logits = self.model(**inputs, use_cache=False).logits
-        if not self._keeps_logits:
-            logits = logits[:, positions.keep]
-        return token_stats(gather_supervised(logits, positions), positions.targets)
+                output = self.model(**inputs, use_cache=False)
+            nll_sum, correct = output.logits
+            stats = TokenStats(nll_sum, len(positions.targets), correct.round().long())
+        else:
+            output = self.model(**inputs, use_cache=False)
+            logits = output.logits if self._keeps_logits else output.logits[:, positions.keep]
+            stats = token_stats(gather_supervised(logits, positions), positions.targets)
+        if not balancing:
+            return stats
+        trainer = self._attached_trainer
+        several = trainer is not None and trainer.world_size > 1
+        reduce_sum = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if several else (lambda t: t)
+        return stats._replace(router=router_balance(output.router_logits, batch.real_tokens, self._moe, reduce_sum))
 
     def training_step(self, batch, batch_idx):
         stats = self.score(batch)
         step_tokens = batch.step_supervised_tokens
         self._step_loss = self._step_loss.to(stats.nll_sum.device) + stats.nll_sum.detach() / step_tokens
-        divisor = loss_divisor(self._deepspeed, self.trainer.accumulate_grad_batches, self.trainer.world_size)
-        return micro_batch_loss(stats.nll_sum, step_tokens, divisor)
+        accumulate = self.trainer.accumulate_grad_batches
+        divisor = loss_divisor(self._deepspeed, accumulate, self.trainer.world_size)
+        loss = micro_batch_loss(stats.nll_sum, step_tokens, divisor)
+        if stats.router is None:
+            return loss
+        # The balancing loss is a mean over the step's micro-batches (each over all ranks), weighted as the model says.
+        self._step_router.add(stats.router, accumulate)
+        return loss + self._moe.coefficient * stats.router.local_loss * divisor / accumulate
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not at_optimizer_step(self.trainer.strategy):
@@ -325,6 +349,9 @@ class SFTLitModule(LightningModule):
         self.log("train_nonfinite_steps", torch.full((), float(self._nonfinite.skipped), device=self.device),
                  rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
+        if self._moe is not None:
+            self.log_dict(self._step_router.metrics(), rank_zero_only=True)  # the same on every rank
+            self._step_router = StepRouter()
 
     def _raise_nonfinite(self, what: str) -> None:
         last = newest_checkpoint(self.trainer.default_root_dir)

@@ -46,19 +46,20 @@ def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list
 
 def collate_packed(
     rows: Sequence[Sequence[tuple[Sequence[int], Sequence[int]]]], pad_token_id: int,
-    step_supervised_tokens: Optional[int] = None,
+    step_supervised_tokens: Optional[int] = None, ghost: bool = False,
 ) -> PackedBatch:
     """``(input_ids, labels)`` samples grouped in rows to ``input_ids``, ``position_ids``, ``labels`` tensors.
 
     Rows are right-padded to the longest row; the padding is a separate pseudo-sample (its positions restart
     at 0 too) whose labels are ignored, so no real token attends to it. ``cu_seq_lens`` holds the boundaries of
     every sample and padding over the rows laid end to end (for variable-length attention), ``max_seq_len`` the
-    longest of them.
+    longest of them; ``ghost``: a stand-in micro-batch that trains nothing, whose tokens count nowhere.
     """
     longest = max(sum(len(ids) for ids, _ in row) for row in rows)
     input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    real_tokens = torch.zeros((len(rows), longest), dtype=torch.bool)
     sample_lengths, bounds = [], [0]
     for r, row in enumerate(rows):
         start = 0
@@ -70,6 +71,7 @@ def collate_packed(
             sample_lengths.append(len(ids))
             bounds.append(r * longest + end)
             start = end
+        real_tokens[r, :start] = not ghost
         if start < longest:
             position_ids[r, start:] = torch.arange(longest - start)
             bounds.append((r + 1) * longest)
@@ -79,5 +81,5 @@ def collate_packed(
         max_seq_len=max(end - start for start, end in zip(bounds, bounds[1:])),
         supervision_rows=rows_supervision, supervision_flat=supervised_positions(labels.reshape(1, -1)),
         counts=batch_counts(sample_lengths, len(rows_supervision.targets), input_ids.numel()),
-        step_supervised_tokens=step_supervised_tokens,
+        real_tokens=real_tokens, step_supervised_tokens=step_supervised_tokens,
     )

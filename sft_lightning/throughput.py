@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from sft_lightning.collate import BatchCounts
+from sft_lightning.moe import moe_of
 from sft_lightning.zero import logical_numel
 
 COUNTERS = ("samples", "tokens", "supervised_tokens", "slots", "flops")
@@ -46,13 +47,18 @@ class FlopParameters(NamedTuple):
 
 
 def matmul_parameters(model: torch.nn.Module) -> FlopParameters:
-    """All parameters but an input embedding that is not also the LM head, split into body and head; partitioned
-    (ZeRO-3) and sharded (FSDP2) parameters count whole."""
+    """All parameters a token goes through but an input embedding that is not also the LM head, split into body and
+    head; partitioned (ZeRO-3) and sharded (FSDP2) parameters count whole, a mixture of experts' experts by the share
+    a token uses (``num_experts_per_tok / num_experts``)."""
     total = sum(logical_numel(p) for p in model.parameters())
+    moe = moe_of(model.config)
+    if moe is not None:
+        experts = sum(logical_numel(p) for name, p in model.named_parameters() if ".experts." in f".{name}")
+        total -= experts * (1 - moe.top_k / moe.num_experts)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     head_params = logical_numel(head.weight) if head is not None else 0
     tied = head is not None and head.weight is embedding.weight
-    return FlopParameters(total - head_params - (0 if tied else logical_numel(embedding.weight)), head_params)
+    return FlopParameters(round(total - head_params - (0 if tied else logical_numel(embedding.weight))), head_params)
 
 
 def training_flops(config, parameters: FlopParameters, counts: BatchCounts) -> float:

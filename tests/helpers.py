@@ -7,6 +7,7 @@ import sys
 
 import lightning as L
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sft_lightning.attention import packed_model_inputs
 from sft_lightning.datamodule import ChatMLDataModule
@@ -109,3 +110,10 @@ def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], att
             worst = max(worst, (packed[start : start + len(ids)] - alone).abs().max().item())
             start += len(ids)
     return worst
+
+
+def logged_scalars(log_dir) -> dict[str, list[float]]:
+    """Every scalar in the run's TensorBoard event files, by tag."""
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

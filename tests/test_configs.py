@@ -8,6 +8,8 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
 from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.datamodule import ChatMLDataModule
@@ -60,6 +62,7 @@ def test_fsdp_presets_shard_and_checkpoint_each_decoder_layer(config):
     parser.add_argument("--strategy", type=Strategy)
     fsdp = parser.instantiate_classes(parser.parse_object({"strategy": raw["trainer"]["strategy"]})).strategy
     assert isinstance(fsdp, FSDP2Strategy) and fsdp.reshard_after_forward
-    layer = {"qwen2": Qwen2DecoderLayer, "llama": LlamaDecoderLayer}[model_config(raw["model"]["model_name_or_path"]).model_type]
+    layers = {"qwen2": Qwen2DecoderLayer, "llama": LlamaDecoderLayer, "qwen3": Qwen3DecoderLayer, "qwen3_moe": Qwen3MoeDecoderLayer}
+    layer = layers[model_config(raw["model"]["model_name_or_path"]).model_type]
     assert fsdp.layer_classes == [f"{layer.__module__}.{layer.__name__}"]
     assert raw["model"]["gradient_checkpointing"] and raw["checkpoint"]["save_last"] == "link"

@@ -6,13 +6,12 @@ import shutil
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sft_lightning.cli import cli_main
 from sft_lightning.lightning_cli import SFTLightningCLI
 from tests.conftest import ROOT
-from tests.helpers import chat_through_pipe
+from tests.helpers import chat_through_pipe, logged_scalars
 
 pytestmark = pytest.mark.slow
 VAL = str(ROOT / "data" / "chatml_val.json")
@@ -48,13 +47,6 @@ def test_fit_logs_lower_loss_and_exports_hf_folder(run):
     tokens, supervised = scalars["throughput/tokens_per_s"], scalars["throughput/supervised_tokens_per_s"]
     assert all(0 < s < t for s, t in zip(supervised, tokens))
     assert all(0 < p < 1 for p in scalars["throughput/padding_fraction"])
-
-
-def logged_scalars(log_dir) -> dict[str, list[float]]:
-    """Every scalar in the run's TensorBoard event files, by tag."""
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def independent_val_loss(model_dir, path) -> float:

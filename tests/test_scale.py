@@ -25,10 +25,14 @@ PRESETS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "tiny
 
 def test_parameter_counts_match_the_published_sizes():
     published = {"Qwen/Qwen2.5-0.5B-Instruct": 0.49, "Qwen/Qwen2.5-7B-Instruct": 7.62, "Qwen/Qwen2.5-72B-Instruct": 72.7,
-                 LLAMA_8B: 8.03, "meta-llama/Meta-Llama-3-70B-Instruct": 70.55}
+                 LLAMA_8B: 8.03, "meta-llama/Meta-Llama-3-70B-Instruct": 70.55, "Qwen/Qwen3-8B": 8.19, "Qwen/Qwen3-32B": 32.76,
+                 "Qwen/Qwen3-30B-A3B": 30.53, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
+                 "meta-llama/Llama-3.3-70B-Instruct": 70.55}
     for name, billions in published.items():
         plan = plan_memory(model_config(name), 1, SHARDINGS["ddp"])
         assert plan.parameters / 1e9 == pytest.approx(billions, abs=0.01), name
+    # Qwen3-30B-A3B: 3.3B of its 30.5B parameters per token (8 of 128 experts)
+    assert plan_memory(model_config("Qwen/Qwen3-30B-A3B"), 1, SHARDINGS["ddp"]).active / 1e9 == pytest.approx(3.35, abs=0.01)
 
 
 @pytest.mark.parametrize("gpus", [1, 8, 64])
