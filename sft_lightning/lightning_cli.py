@@ -198,9 +198,18 @@ class SFTLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         """Export the best weights (else the last) as ``hf_model/`` in the run's log directory, on global rank 0."""
         log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank asks, or the run hangs
-        if not self.trainer.is_global_zero or log_dir is None:
-            return
         callback = self.trainer.checkpoint_callback
         ckpt = callback and (callback.best_model_path or callback.last_model_path)
-        if ckpt:
+        if self.trainer.is_global_zero and log_dir is not None and ckpt:
             export(ckpt, str(Path(log_dir) / "hf_model"))
+        self._leave_together()
+
+    def _leave_together(self) -> None:
+        """Every rank waits for the others (rank 0 exporting), then closes its process group. A rank that exits with
+        its group open while another still works can abort in the backend's teardown ("terminate called without an
+        active exception", seen with gloo), failing a run that has finished."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    after_validate = after_test = after_predict = _leave_together
