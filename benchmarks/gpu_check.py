@@ -1,6 +1,6 @@
 """The device check: one command, a few minutes on one H100/H200 (torch 2.11 or newer), nothing downloaded.
 
-    python benchmarks/gpu_check.py             # all three parts below, on the first GPU
+    python benchmarks/gpu_check.py             # all four parts below, on the first GPU
     python benchmarks/gpu_check.py --steps 4   # shorter (on a CPU: 32-true, the shipped tiny model's architecture)
 
 1. Attention: the backend ``sdpa_varlen`` gets from this torch and GPU (the varlen kernel and which of its arguments
@@ -12,6 +12,9 @@
    (bf16 autocast, transformers' own attention), for the ratio.
 3. The qwen2.5-7b preset (FSDP2, activation checkpointing, accumulation 4 reduced once per step) on one GPU, with a
    4-layer slice of the Qwen2.5-7B architecture: MFU and reserved memory against the plan.
+4. Linear attention: one Gated DeltaNet layer of Qwen3.5-27B (random weights, bf16 autocast) over a packed row of 16
+   samples, 4096 tokens: flash-linear-attention's one call with the boundaries (where installed) against the layer
+   run once per sample, max |diff| and forward+backward time of each.
 
 Each run writes its TensorBoard logs and the model folder under ``--out`` (default: a temporary folder, removed at
 the end unless ``--keep``); no checkpoint and no export are written. Without CUDA the same path runs on the CPU at
@@ -41,6 +44,7 @@ from throughput import TOKENIZER, write_conversations  # noqa: E402
 
 from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence  # noqa: E402
 from sft_lightning.cli import cli_main  # noqa: E402
+from sft_lightning.linear_attention import delta_rule_kernel, packed_gated_delta_net  # noqa: E402
 from sft_lightning.memory import GB, format_plan, model_config, plan_of_config  # noqa: E402
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing  # noqa: E402
 from sft_lightning.render import load_tokenizer  # noqa: E402
@@ -125,6 +129,42 @@ def attention_check(model_dir: Path) -> None:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
         influence = cross_sample_influence(model, tokens[:128], tokens[128:], SDPA_VARLEN).item()
     print(f"  packing check through it (two packed spans of 128 tokens, the model's own forward): influence {influence:.3g}")
+
+
+def linear_attention_check(repeats: int = 3) -> None:
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+
+    device = torch.device("cuda" if CUDA else "cpu")
+    kernel = delta_rule_kernel(device)
+    print("\n[4] linear attention (Gated DeltaNet): " + ("flash-linear-attention's chunk_gated_delta_rule, one call "
+          "per layer" if kernel else "no flash-linear-attention kernel here: the delta rule once per sample"))
+    config = model_config("Qwen/Qwen3.5-27B" if CUDA else str(ROOT / "models" / "tiny-qwen3.5"))
+    torch.manual_seed(0)
+    layer = modeling_qwen3_5.Qwen3_5GatedDeltaNet(config, 0).to(device)
+    total = 4096 if CUDA else 256
+    ends = sorted(torch.randperm(total - 1)[:15].add(1).tolist())
+    bounds = torch.tensor([0, *ends, total], device=device)
+    hidden = torch.randn(1, total, config.hidden_size, device=device, requires_grad=True)
+
+    def timed(run):
+        seconds, output = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=CUDA):
+                output = run()
+            output.float().square().mean().backward()
+            if CUDA:
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        return output.detach().float(), min(seconds)
+
+    packed, packed_s = timed(lambda: packed_gated_delta_net(layer, modeling_qwen3_5.torch_chunk_gated_delta_rule,
+                                                            hidden, bounds))
+    edges = bounds.tolist()
+    alone, alone_s = timed(lambda: torch.cat([layer(hidden[:, a:b]) for a, b in zip(edges, edges[1:])], dim=1))
+    print(f"  packed row of 16 samples, {total} tokens: max |diff| against the layer per sample "
+          f"{(packed - alone).abs().max().item():.3g}; forward+backward {packed_s * 1e3:.1f} ms against "
+          f"{alone_s * 1e3:.1f} ms per sample ({alone_s / packed_s:.2f}x)")
 
 
 def preset_run(preset: str, out: Path, model_dir: Path, data: Path, steps: int) -> dict:
@@ -249,6 +289,7 @@ def main() -> None:
         sliced = write_model(out / "qwen2.5-7b-slice", arch_slice, slice_layers)
         result = preset_run("qwen2.5-7b.yaml", out / "run-7b", sliced, data, max(args.steps // 2, 2))
         report("[3] qwen2.5-7b.yaml on one device", result, slice_layers, arch_slice)
+        linear_attention_check()
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

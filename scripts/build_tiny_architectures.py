@@ -5,7 +5,9 @@
 writes, in Hugging Face format, ``models/tiny-qwen3`` (Qwen3 dense: QK-norm, explicit head_dim), ``models/tiny-qwen3-moe``
 (Qwen3-MoE: 4 experts, 2 per token, router aux loss), ``models/tiny-qwen3.5`` (Qwen3.5: Gated DeltaNet linear attention
 with a short causal convolution, interleaved with full attention), ``models/tiny-gemma3`` (Gemma 3: a sliding-window
-layer of 32 tokens and a global one, scaled embeddings, ``<start_of_turn>`` template) and ``models/tiny-llama3.1``
+layer of 32 tokens and a global one, scaled embeddings, ``<start_of_turn>`` template), ``models/tiny-qwen3.5-vision``
+and ``models/tiny-gemma3-vision`` (the same language models in image-text checkpoints beside a tiny vision tower, as the
+hub's Qwen3.5 and Gemma 3 4B-27B models are) and ``models/tiny-llama3.1``
 (Llama 3.1: llama3 RoPE scaling, the 3.1 template with its date preamble and tools). Each tokenizer is a byte-level
 BPE trained here on the sample data with its family's special tokens; each template is the published one
 (``tests/templates``, sources in ``tests/templates/SOURCES.tsv``). Two layers each, seeded: rebuilding writes the same
@@ -21,13 +23,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Gemma3Config,
     Gemma3TextConfig,
     GenerationConfig,
     LlamaConfig,
     PreTrainedTokenizerFast,
+    Qwen3_5Config,
     Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3MoeConfig,
+    SiglipVisionConfig,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +70,9 @@ def tokenizer(special: list[str], template: str, added: tuple[str, ...] = (), **
 
 def save(name: str, config, tok: PreTrainedTokenizerFast, stops: list[str]) -> None:
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(config)
+    # An image-text config builds its whole model, vision tower included, as the hub's checkpoints hold it.
+    builder = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = builder.from_config(config)
     out = ROOT / "models" / name
     stop_ids = [tok.convert_tokens_to_ids(t) for t in stops]
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
@@ -95,6 +103,9 @@ def main() -> None:
         **ids, **SIZES,
     )
     save("tiny-qwen3.5", hybrid, tok, ["<|im_end|>"])
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=SIZES["hidden_size"])
+    save("tiny-qwen3.5-vision", Qwen3_5Config(text_config=hybrid.to_dict(), vision_config=vision, tie_word_embeddings=True),
+         tok, ["<|im_end|>"])
 
     gemma_specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
     tok = tokenizer(gemma_specials, (TEMPLATES / "google--gemma-3-1b-it.jinja").read_text(),
@@ -105,6 +116,12 @@ def main() -> None:
         sliding_window=32, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24, **SIZES,
     )
     save("tiny-gemma3", gemma, tok, ["<end_of_turn>", "<eos>"])
+    # The hub's instruction-tuned Gemma 3 (4B-27B) is an image-text checkpoint: the same language model beside a
+    # SigLIP vision tower, saved under the hub's names (language_model.model.*).
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    save("tiny-gemma3-vision", Gemma3Config(text_config=gemma.to_dict(), vision_config=vision.to_dict(),
+                                        mm_tokens_per_image=4), tok, ["<end_of_turn>", "<eos>"])
 
     llama_specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                       "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from sft_lightning.collate import PackedBatch, PaddedBatch, SupervisedPositions, TrainingBatch
+from sft_lightning.collate import PackedBatch, SupervisedPositions, TrainingBatch
 from sft_lightning.packing import collate_packed
 from sft_lightning.varlen import run_varlen, varlen_kernel
 

@@ -21,7 +21,7 @@ from sft_lightning.errors import CheckFailed, DataError, TemplateError
 from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.mixture import SampleSet, SourceSamples
 from sft_lightning.records import read_records
-from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id
+from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id, training_samples
 from sft_lightning.sampling import Batching
 
 STAGES = {"train": "fit", "val": "validate", "test": "test"}
@@ -78,6 +78,7 @@ def check(
         records = [r for file in source.source.files for r in read_records(file, skipped=Counter(), format=source.source.format)]
         console.print(statistics(source, title, records, None if several else data.batching(split)))
         found = checks(source, tokenizer, eot, data.hparams.max_length)
+        found.append(foreign_text_check(records, tokenizer, data.hparams))
         found += thresholds(source, max_truncated_fraction, max_dropped_fraction)
         outcomes += [o._replace(name=f"source {number}: {o.name}") for o in found] if several else found
     outcomes.append(generation_check(model_path, eot))
@@ -143,6 +144,53 @@ def checks(tokenized: SampleSet, tokenizer, eot: int, max_length: int) -> list[O
     outcomes.append(Outcome("no double BOS", "fail" if doubled else "pass",
                             f"{len(doubled)} samples start with two BOS tokens" if doubled else "one BOS at most"))
     return outcomes
+
+
+# Texts shorter than this are left out of the foreign-text check: an answer may well repeat a short word of the user's.
+SHORTEST_FOREIGN_TEXT = 12
+# Conversations rendered again for the check (each source's first ones).
+FOREIGN_TEXT_RECORDS = 1000
+
+
+def foreign_text(messages: list[dict], tools: Optional[list[dict]], trained: list[str]) -> Optional[tuple[str, str]]:
+    """(role, text) of the first text of another role that a trained span holds (a system prompt, a user's or a
+    tool's words, a tool schema's description), or None. Such a span means the template's turns were misread."""
+    others = [(m["role"], m["content"].strip()) for m in messages if m["role"] != "assistant"]
+    others += [("tool schema", (tool.get("function") or tool).get("description", "").strip()) for tool in tools or ()]
+    return next(((role, text) for role, text in others
+                 if len(text) >= SHORTEST_FOREIGN_TEXT and any(text in span for span in trained)), None)
+
+
+def trained_spans(messages: list[dict], tokenizer, tools, settings) -> list[str]:
+    """The trained spans of a conversation's samples as fit renders them, each decoded where it stands."""
+    spans = []
+    for sample in training_samples(messages, tokenizer, settings.train_on, settings.max_length, tools,
+                                   settings.system_message, settings.split_special_tokens):
+        labels = [*sample.labels, IGNORE_INDEX]
+        starts = [i for i in range(len(sample.labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+        for start in starts:
+            end = next(i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX)
+            before = tokenizer.decode(sample.input_ids[:start])
+            spans.append(tokenizer.decode(sample.input_ids[:end])[len(before) :])
+    return spans
+
+
+def foreign_text_check(records, tokenizer, settings) -> Outcome:
+    """No trained span holds another role's text: the last guard against a template whose turns were misread."""
+    name = "trained spans hold assistant text only"
+    if settings.train_on == "all":
+        return Outcome(name, "pass", "data.train_on all trains every token by design")
+    for record in records[:FOREIGN_TEXT_RECORDS]:
+        try:
+            found = foreign_text(record.messages, record.tools, trained_spans(record.messages, tokenizer, record.tools, settings))
+        except TemplateError:
+            continue  # dropped or refused: reported by the other checks
+        if found is not None:
+            role, text = found
+            return Outcome(name, "fail", f"{record.location}: a trained span holds the {role} text {text[:50]!r}: "
+                                         "the chat template's turns are misread; report it with the template")
+    return Outcome(name, "pass", f"no system, user, tool or schema text in the trained spans of the first "
+                                 f"{min(len(records), FOREIGN_TEXT_RECORDS)} conversations")
 
 
 def generation_check(model_path: str, eot: int) -> Outcome:

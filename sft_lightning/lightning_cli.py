@@ -14,15 +14,15 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoConfig
 
 from sft_lightning.adapters import as_lora, quantization_config
 from sft_lightning.checkpoint_loading import module_arguments
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
-from sft_lightning.errors import ConfigError, DataError, loading
+from sft_lightning.errors import ConfigError, DataError
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
+from sft_lightning.language_model import causal_lm_config
 from sft_lightning.metrics import Tokenize
 from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preemption
@@ -161,8 +161,7 @@ class SFTLightningCLI(LightningCLI):
         """Fail in a second, before any output exists, on a model that is missing or too short for the data."""
         model = self.model.hparams
         quantization_config(model.quantization, as_lora(model.lora))  # CUDA, bitsandbytes and lora, or one line
-        with loading(model.model_name_or_path, "model"):
-            config = AutoConfig.from_pretrained(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
+        config = causal_lm_config(model.model_name_or_path, model.trust_remote_code)
         positions = getattr(config, "max_position_embeddings", None)
         max_length = self.datamodule.hparams.max_length
         if self.subcommand != "predict" and positions is not None and max_length > positions:

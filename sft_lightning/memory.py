@@ -36,6 +36,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft_lightning.adapters import as_lora
 from sft_lightning.errors import ConfigError
+from sft_lightning.language_model import language_model_config
 from sft_lightning.moe import moe_of
 
 GB = 2**30
@@ -243,7 +244,7 @@ def model_config(path: str, trust_remote_code: bool = False):
     shipped = SHIPPED_CONFIGS / path.replace("/", "--")
     source = path if Path(path).expanduser().is_dir() else str(shipped) if shipped.is_dir() else path
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return language_model_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code))
     except OSError as err:
         raise ConfigError(f"{path}: no config.json here or in configs/models/, and the hub said: {str(err).splitlines()[0]}") from None
 

@@ -11,14 +11,15 @@ from typing import Literal, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+from transformers import get_scheduler
 
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
 from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, model_inputs
 from sft_lightning.checkpointing import newest_checkpoint
 from sft_lightning.collate import BatchCounts, PackedBatch, TrainingBatch
-from sft_lightning.errors import ConfigError, NonFiniteError, PackingError, loading
+from sft_lightning.errors import ConfigError, NonFiniteError, PackingError
 from sft_lightning.generation import GenerationSettings, generate_replies
+from sft_lightning.language_model import DType, build_causal_lm
 from sft_lightning.linear_attention import keep_linear_attention_apart
 from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
 from sft_lightning.moe import MoE, StepRouter, moe_of, router_balance
@@ -38,33 +39,8 @@ PACKING_CHECK_TOKENS = 128
 # them by a sizeable fraction of their scale.
 PACKING_CHECK_TOLERANCE = 1e-3
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Our names to transformers' scheduler names; "constant" still warms up.
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-def build_causal_lm(
-    path: str,
-    torch_dtype: DType = "float32",
-    trust_remote_code: bool = False,
-    attn_implementation: Optional[str] = None,
-    pretrained: bool = True,
-    quantization_config=None,
-):
-    """Load ``path`` through ``from_pretrained``, or with ``pretrained`` False build its architecture from the config
-    alone (random weights, inside ZeRO-3's ``zero.Init``; on the meta device otherwise)."""
-    dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    with loading(path, "model"):
-        if pretrained:
-            return AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                quantization_config=quantization_config,
-            )
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return AutoModelForCausalLM.from_config(
-            config, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        )
 
 
 def init_buffers(model) -> None:

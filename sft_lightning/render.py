@@ -243,7 +243,7 @@ def training_samples(
     # ids equal apply_chat_template of the whole conversation.
     differs = ""
     if whole.startswith(last.text):
-        tail = encode(whole[len(last.text) :])[0]
+        tail = _continuation(encode, specials, last.text, ids, whole[len(last.text) :])[0]
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
         differs = "" if ids == encode(whole)[0] else "boundary"
     return [_cut(ids, labels, max_length, differs)]
@@ -284,13 +284,15 @@ def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) ->
     tokenizer = encode.tokenizer
     prompt, whole = render(messages[:turn], True), render(messages[: turn + 1], False)
     opened = not whole.startswith(prompt)
-    answer_text = _diverging_answer(prompt, whole, message, turn, specials) if opened else whole[len(prompt) :]
+    before = messages[turn - 1]["content"] if turn else ""
+    answer_text = _diverging_answer(prompt, whole, message, turn, specials, before) if opened else whole[len(prompt) :]
     # The turn ends at the first special token after its content (or its last tool call): special tokens before
     # it belong to the answer (gpt-oss's <|channel|>final<|message|>, Mistral's [TOOL_CALLS]).
     anchor = _content_end(answer_text, message)
     if _first_special(answer_text, specials, anchor) is None:
         answer_text = answer_text[:anchor] + _closing(messages, turn, whole, tokenizer, specials, render)
-    answer, offsets = encode(answer_text)
+    prompt_ids = encode(prompt)[0]
+    answer, offsets = _continuation(encode, specials, prompt, prompt_ids, answer_text)
     end = next(t for t, token_id in enumerate(answer) if token_id in specials.ids and offsets[t][0] >= anchor)
     rendered = answer_text[: offsets[end][0]]
     first = next((t for t, token_id in enumerate(answer) if token_id in specials.ids), end)
@@ -310,7 +312,23 @@ def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) ->
             f"the chat template renders more than the content between the generation prompt and the end-of-turn "
             f"token of message {turn + 1}: {rendered[:80]!r}"
         )
-    return _Turn(encode(prompt)[0], answer[: end + 1], prompt + answer_text[: offsets[end][1]])
+    return _Turn(prompt_ids, answer[: end + 1], prompt + answer_text[: offsets[end][1]])
+
+
+def _continuation(
+    encode: _Encoder, specials: _Specials, prefix: str, prefix_ids: list[int], text: str
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids (and offsets into ``text``) of ``text`` as it is tokenised after ``prefix``, not as text of its own: a
+    SentencePiece tokenizer (Metaspace, ``prepend_scheme="first"``: Mistral, Phi-3) gives text of its own a leading
+    "▁" (a space) that the template does not render. Where a token would merge across the boundary (the prefix's ids
+    are not the start of the whole's), ``text`` as it is tokenised after a special token: still no leading "▁"."""
+    ids, offsets = encode(prefix + text)
+    if ids[: len(prefix_ids)] == prefix_ids:
+        skip, shift = len(prefix_ids), len(prefix)
+    else:
+        anchor = specials.texts[0]  # one id, and nothing merges across it
+        (ids, offsets), skip, shift = encode(anchor + text), 1, len(anchor)
+    return ids[skip:], [(a - shift, b - shift) for a, b in offsets[skip:]]
 
 
 def _visible(content: str) -> str:
@@ -327,6 +345,11 @@ def _first_special(text: str, specials: _Specials, start: int = 0) -> tuple[int,
     """(position, text) of the first special token in ``text`` from ``start``; None when there is none."""
     found = [(text.find(token, start), token) for token in specials.texts if token in text[start:]]
     return min(found) if found else None
+
+
+def _is_block(text: str, specials: _Specials) -> bool:
+    """Whether ``text`` starts and ends with a special token (a block opened and closed: ``<|channel>...<channel|>``)."""
+    return len(text) > 1 and text.startswith(specials.texts) and text.endswith(specials.texts)
 
 
 def _content_end(answer_text: str, message: dict) -> int:
@@ -370,7 +393,7 @@ def _opens_turns(tokenizer, prompt: str, before: list[dict], token_id: int) -> b
     return tokenizer.convert_ids_to_tokens(token_id) in prompt[max(position - 64, 0) : position]
 
 
-def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, specials: _Specials) -> str:
+def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, specials: _Specials, before: str = "") -> str:
     """The answer text after a generation prompt that the rendered conversation does not continue.
 
     - The prompt only ends with whitespace the rendered turn lacks (templates kept with their line breaks): the
@@ -380,9 +403,11 @@ def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, special
       and the answer, as the template renders it: the content itself when it starts with the opening
       (``<think>\n...\n</think>\n\nanswer``), else ``reasoning_content`` (empty when absent, as Qwen3 writes a turn
       without reasoning) in the same layout.
-    - Otherwise the prompt differs before the answer (Mistral v0.3 puts the system message into the latest user
-      turn only; Gemma 4 opens and closes an empty thought block in the prompt): the answer is the content onward,
-      as the template renders it.
+    - Otherwise the prompt differs before the answer (Mistral v0.3 puts the system message, and its tools, into the
+      latest user turn only; Gemma 4 opens and closes an empty thought block in the prompt). Where the rendering
+      continues the last message before the turn (``before``) with the prompt's own generation suffix
+      (``[/INST]``), the answer is what follows that suffix; else the content onward, as the template renders it.
+      Never the first mention of a called function's name: that may be inside the tool schemas.
     """
     shared = len(commonprefix([prompt, whole]))
     # Back to a line or tag boundary, so that "<think>" against "<tool_call>" does not leave "hink>".
@@ -397,17 +422,34 @@ def _diverging_answer(prompt: str, whole: str, message: dict, turn: int, special
         return content[len(opening) :] + rendered[closing[0] if closing else len(rendered) :]
     if tag:
         reasoning = (message.get("reasoning_content") or "").strip("\n")
-        return ("" if opening.endswith("\n") else "\n") + f"{reasoning}\n</{tag[1]}>\n\n{rendered.lstrip()}"
+        # The line breaks the template puts before the answer go (the layout gives its own); an answer's own leading
+        # spaces stay, as the template renders them.
+        return ("" if opening.endswith("\n") else "\n") + f"{reasoning}\n</{tag[1]}>\n\n{rendered.lstrip(chr(10))}"
+    if before and before in prompt and before in whole:
+        suffix = prompt[prompt.rfind(before) + len(before) :]
+        after_before = whole.rfind(before) + len(before)
+        if suffix.strip() and whole.startswith(suffix, after_before):
+            return whole[after_before + len(suffix) :]
+    if _is_block(opening.strip(), specials) and not rendered.startswith(tuple(t for t in specials.texts if t in opening)):
+        # The prompt opens and closes a block that the rendering lacks (Gemma 4's empty thought channel) and the
+        # rendering goes on with the turn, not with a header the prompt has too (Mistral's [INST], Command-R's
+        # <|CHATBOT_TOKEN|>): the turn as rendered starts where the two part, template text before a tool call
+        # included ("<|tool_call>call:").
+        return rendered
     visible = _visible(content)
     calls = _call_names(message)
     start = None
     if visible and visible in rendered:
         start = whole.rfind(visible)
-    elif not visible and calls and calls[0] in rendered:
-        # A tool call: from the special tokens that open it (Mistral's [TOOL_CALLS], Gemma 4's <|tool_call>).
-        start = shared + rendered.find(calls[0])
-        while (before := [t for t in specials.texts if whole.endswith(t, shared, start)]) and start > shared:
-            start -= len(before[0])
+    elif not visible and calls:
+        # A tool call: its first function's name after the last message before the turn (tool schemas, which name
+        # it too, come before that), from the special tokens that open it (Mistral's [TOOL_CALLS], Gemma 4's
+        # <|tool_call>).
+        floor = max(shared, whole.rfind(before) + len(before) if before and before in whole else shared)
+        found = whole.find(calls[0], floor)
+        start = None if found < 0 else found
+        while start is not None and (opening := [t for t in specials.texts if whole.endswith(t, floor, start)]):
+            start -= len(opening[0])
     if start is not None:
         answer = whole[start:]
         closing = _first_special(answer, specials, _content_end(answer, message))

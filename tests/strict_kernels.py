@@ -124,3 +124,34 @@ class StrictVarlen(L.Callback):
 def strict_calls(path, ranks: int = 1) -> list[dict[str, int]]:
     """What :class:`StrictVarlen` recorded on each rank."""
     return [json.loads(open(f"{path}.{rank}").read()) for rank in range(ranks)]
+
+
+def strict_chunk_gated_delta_rule(calls: Counter | None = None) -> Callable:
+    """flash-linear-attention's ``chunk_gated_delta_rule`` (fla/ops/gated_delta_rule/chunk.py) on the CPU: its
+    signature, its checks with their messages, then the delta rule of each sample ``cu_seqlens`` delimits through
+    transformers' own torch rule in float32, returned in the input dtype as the kernel does."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               use_qk_l2norm_in_kernel=False, cu_seqlens=None, head_first=False):
+        assert q.dtype == k.dtype == v.dtype
+        assert q.dtype != torch.float32, "ChunkGatedDeltaRuleFunction does not support float32. Please use bfloat16."
+        assert len(beta.shape) == 3, "beta must be of shape [B, T, H] if head_first=False, or [B, H, T] otherwise."
+        # One head count for q, k and v ([B, T, H, K] and [B, T, H, V]); g and beta [B, T, H].
+        assert q.shape[:3] == k.shape[:3] == v.shape[:3] and g.shape == beta.shape == q.shape[:3], "shapes"
+        if cu_seqlens is not None:
+            if q.shape[0] != 1:
+                raise ValueError(f"The batch size is expected to be 1 rather than {q.shape[0]} when using `cu_seqlens`.")
+            assert cu_seqlens.dtype == torch.long and cu_seqlens.device == q.device, "cu_seqlens: a LongTensor"
+        if calls is not None:
+            calls["chunk_gated_delta_rule"] += 1
+        ends = cu_seqlens.tolist() if cu_seqlens is not None else [0, q.shape[1]]
+        upcast = [t.float() for t in (q, k, v)]
+        out = torch.cat([
+            torch_chunk_gated_delta_rule(*(t[:, a:b] for t in upcast), g=g[:, a:b].float(), beta=beta[:, a:b].float(),
+                                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+            for a, b in zip(ends, ends[1:])
+        ], dim=1)
+        return out.to(q.dtype), None
+
+    return chunk_gated_delta_rule

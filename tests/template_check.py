@@ -17,6 +17,7 @@ be able to rely on, from the template's own renders alone:
 from __future__ import annotations
 
 import csv
+import json
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -94,13 +95,15 @@ def real_templates() -> dict[str, tuple[str | None, str | None]]:
     return {row["file"]: (row["bos"] or None, row["eos"] or None) for row in rows}
 
 
-def real_template_tokenizer(name: str, bos: str | None, eos: str | None) -> PreTrainedTokenizerFast:
+def real_template_tokenizer(name: str, bos: str | None, eos: str | None, sentencepiece: bool = False) -> PreTrainedTokenizerFast:
+    """``sentencepiece``: a SentencePiece-style tokenizer (Metaspace, ``prepend_scheme="first"``, byte fallback),
+    as Mistral's, Phi-3's and Llama 2's are, instead of a byte-level one."""
     template = (TEMPLATES / name).read_text()
     found = SPECIAL.findall(template)
     bos = bos or next((t for t in BOS if t in found), "<s>" if "bos_token" in template else None)
     # Every real tokenizer has an EOS token; "<|endoftext|>" where the template does not name one.
     eos = eos or next((t for t in EOS if t in found), "</s>" if "eos_token" in template else "<|endoftext|>")
-    return family_tokenizer(template, bos, eos)
+    return family_tokenizer(template, bos, eos, sentencepiece)
 
 
 @lru_cache(maxsize=1)
@@ -115,10 +118,28 @@ def _base() -> str:
     return tokenizer.to_str()
 
 
-def family_tokenizer(template: str, bos: str | None = None, eos: str | None = None) -> PreTrainedTokenizerFast:
+@lru_cache(maxsize=1)
+def _sentencepiece_base() -> str:
+    """Metaspace pre-tokenisation with ``prepend_scheme="first"`` (a "▁" before the first word of a text, and
+    every space a "▁"), and byte fallback for characters outside the vocabulary: how SentencePiece models convert."""
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+                                           decoders.ByteFallback(), decoders.Fuse()])
+    bytes_ = [f"<0x{byte:02X}>" for byte in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=bytes_, initial_alphabet=["▁"], show_progress=False)
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    data = json.loads(tokenizer.to_str())
+    data["added_tokens"] = []  # the byte tokens stay in the vocabulary as ordinary tokens, as in SentencePiece
+    return json.dumps(data)
+
+
+def family_tokenizer(template: str, bos: str | None = None, eos: str | None = None,
+                     sentencepiece: bool = False) -> PreTrainedTokenizerFast:
     """A small tokenizer for ``template``: the family's special tokens, BOS/EOS, and the ``<think>``-style added tokens."""
     specials = sorted({*SPECIAL.findall(template), *(t for t in (bos, eos) if t)} - set(ADDED))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_base()), chat_template=template,
+    base = _sentencepiece_base() if sentencepiece else _base()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(base), chat_template=template,
                                         bos_token=bos, eos_token=eos)
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     tokenizer.add_tokens([token for token in ADDED if token in template])
@@ -147,7 +168,8 @@ def check_conversation(tokenizer, messages: list[dict], tools: list[dict] | None
         span = sample.input_ids[len(prompt) : end + 1]
         assert sample.labels[len(prompt) : end + 1] == span
         claimed[owners[-1]].update(range(len(prompt), end + 1))
-        answer = tokenizer.decode(span)
+        # In its context: decoded on its own, a SentencePiece span would lose its leading space.
+        answer = tokenizer.decode(sample.input_ids[: end + 1])[len(tokenizer.decode(prompt)) :]
         closing = tokenizer.convert_ids_to_tokens(span[-1])
         body = answer[: -len(closing)]
         whole = render_text(tokenizer, messages[: k + 1], False, tools)
@@ -169,6 +191,11 @@ def check_conversation(tokenizer, messages: list[dict], tools: list[dict] | None
             # it), or differs before the answer (Mistral's system message, Gemma 4's empty thought block): the
             # content onward as rendered.
             assert "</think>" in answer or body.strip() in whole, (k + 1, answer)
+            if "</think>" not in answer:
+                # Never from inside the template's own text of the turn (Gemma 4's "<|tool_call>call:" before a
+                # call): the trained text starts after a token, a tag or a line break of the rendering.
+                lead = whole[: whole.rfind(body.strip())]
+                assert lead.endswith((*tokenizer.all_special_tokens, ">")) or lead[-1:].isspace(), (k + 1, answer)
         visible = messages[k]["content"].split("</think>")[-1].strip()
         assert visible in answer, (k + 1, answer)
     for i, sample in enumerate(samples):

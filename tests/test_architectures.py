@@ -1,17 +1,22 @@
 """The architectures people fine-tune now, each on a tiny random model built by scripts/build_tiny_architectures.py
 with its family's real template: Qwen3, Qwen3-MoE, Qwen3.5 (Gated DeltaNet linear attention beside full attention),
-Gemma 3 (a sliding window of 32 tokens) and Llama 3.1 (llama3 RoPE scaling)."""
+Gemma 3 (a sliding window of 32 tokens; also as the image-text checkpoint the hub ships) and Llama 3.1 (llama3 RoPE
+scaling)."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence
 from sft_lightning.cli import cli_main
-from sft_lightning.errors import PackingError
+from sft_lightning.errors import ModelLoadError, PackingError
+from sft_lightning.language_model import build_causal_lm
 from sft_lightning.lm_head import ChunkedLMHead
+from sft_lightning.memory import count_parameters, model_config
 from sft_lightning.module import SFTLitModule
 from sft_lightning.render import load_tokenizer, stop_token_ids
 from sft_lightning.tokenized import tokenize_split
@@ -59,8 +64,45 @@ def test_linear_attention_packed_without_boundaries_is_refused_in_one_line(tmp_p
     assert PackingError.__name__ not in error[0] and not list(tmp_path.rglob("*.ckpt"))
 
 
+# The hub's Gemma 3 4B-27B and Qwen3.5 models are image-text checkpoints (a vision tower beside the language model).
+IMAGE_TEXT = {"gemma3-vision": ("Gemma3ForConditionalGeneration", "Gemma3ForCausalLM", "gemma3"),
+              "qwen3.5-vision": ("Qwen3_5ForConditionalGeneration", "Qwen3_5ForCausalLM", "qwen3.5")}
+
+
+@pytest.mark.parametrize("arch", sorted(IMAGE_TEXT))
+def test_an_image_text_checkpoint_is_trained_as_its_language_model_alone(arch, tmp_path):
+    # transformers' causal-LM class for Gemma 3's is Gemma3ForConditionalGeneration, vision tower included, whose config
+    # has no num_attention_heads of its own (fit failed in its first step).
+    whole_class, text_class, text_arch = IMAGE_TEXT[arch]
+    path = model_dir(arch)
+    whole = AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(whole).__name__ == whole_class
+    text = build_causal_lm(path).eval()
+    assert type(text).__name__ == text_class and not any("vis" in name for name, _ in text.named_parameters())
+    ids = torch.tensor([list(samples(text_arch, 1)[0][0])])
+    with torch.no_grad():
+        assert torch.equal(text(input_ids=ids).logits, whole(input_ids=ids).logits)
+        assert type(build_causal_lm(path, pretrained=False)).__name__ == text_class  # a checkpoint's build
+        # The planner counts the language model: the parameters of the text-only tiny model.
+        assert count_parameters(model_config(path)) == count_parameters(model_config(model_dir(text_arch)))
+        text.save_pretrained(tmp_path / "saved")  # under the text model's own names
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")(input_ids=ids).logits,
+                           whole(input_ids=ids).logits)
+
+
+def test_an_image_text_checkpoint_without_its_language_model_is_refused_in_one_line(tmp_path):
+    moved = tmp_path / "renamed"
+    shutil.copytree(model_dir("gemma3-vision"), moved)
+    weights = load_file(moved / "model.safetensors")
+    save_file({name.replace("language_model.model.", "text.model."): tensor for name, tensor in weights.items()},
+              moved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"renamed: an image-text checkpoint whose language model was not found "
+                                             r"under language_model.model. or model.language_model. \(\d+ weights missing"):
+        build_causal_lm(str(moved))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "gemma3-vision"])
 def test_packed_fit_exports_a_folder_that_generates_what_predict_does(arch, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     model = [f"--model.model_name_or_path={model_dir(arch)}", "--model.max_new_tokens=12"]

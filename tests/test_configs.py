@@ -6,9 +6,11 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import Strategy
+from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
 from sft_lightning.lightning_cli import SFTLightningCLI
@@ -62,7 +64,8 @@ def test_fsdp_presets_shard_and_checkpoint_each_decoder_layer(config):
     parser.add_argument("--strategy", type=Strategy)
     fsdp = parser.instantiate_classes(parser.parse_object({"strategy": raw["trainer"]["strategy"]})).strategy
     assert isinstance(fsdp, FSDP2Strategy) and fsdp.reshard_after_forward
-    layers = {"qwen2": Qwen2DecoderLayer, "llama": LlamaDecoderLayer, "qwen3": Qwen3DecoderLayer, "qwen3_moe": Qwen3MoeDecoderLayer}
+    layers = {"qwen2": Qwen2DecoderLayer, "llama": LlamaDecoderLayer, "qwen3": Qwen3DecoderLayer, "qwen3_moe": Qwen3MoeDecoderLayer,
+              "gemma3_text": Gemma3DecoderLayer, "qwen3_5_text": Qwen3_5DecoderLayer}
     layer = layers[model_config(raw["model"]["model_name_or_path"]).model_type]
     assert fsdp.layer_classes == [f"{layer.__module__}.{layer.__name__}"]
     assert raw["model"]["gradient_checkpointing"] and raw["checkpoint"]["save_last"] == "link"

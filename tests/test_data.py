@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sft_lightning.cli import cli_main
+from sft_lightning.data_check import foreign_text
 from sft_lightning.data import create_chatml_sample, save_chatml_data
 from sft_lightning.errors import DataError
 from sft_lightning.records import read_records
@@ -99,7 +100,7 @@ def test_check_passes_on_the_sample_data(tmp_path, capsys):
     cli_main(["data", "check", "--config", write_config(tmp_path, TINY_QWEN)])
     report = capsys.readouterr().out
     assert "<|im_start|>assistant\n⟦" in report and "<|im_end|>⟧" in report  # trained spans, end-of-turn included
-    assert "FAIL" not in report and report.count("PASS") == 6
+    assert "FAIL" not in report and report.count("PASS") == 7
 
 
 def test_check_fails_on_a_template_that_cannot_be_masked(tmp_path, capsys):
@@ -117,3 +118,14 @@ def test_check_fails_on_a_template_that_cannot_be_masked(tmp_path, capsys):
     assert captured.err == ("sft-lightning: error: data check failed: "
                             f"{ROOT / 'data' / 'chatml_data.json'}: record 1: the chat template renders more than the content "
                             "between the generation prompt and the end-of-turn token of message 3: 'river backwards is revir. [edited]'\n")
+
+
+def test_a_trained_span_with_another_roles_text_is_found():
+    # What a misread template trains: the user's question and the tool schema inside the assistant's span.
+    messages = [{"role": "system", "content": "Answer in one short sentence."},
+                {"role": "user", "content": "How warm is it in Berlin?"}, {"role": "assistant", "content": "21 degrees."}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather of a city"}}]
+    assert foreign_text(messages, tools, ["21 degrees.</s>"]) is None
+    assert foreign_text(messages, tools, ["How warm is it in Berlin?[/INST]21 degrees.</s>"]) == ("user", "How warm is it in Berlin?")
+    assert foreign_text(messages, tools, ['"Get the weather of a city"}][/AVAILABLE_TOOLS]']) == ("tool schema", "Get the weather of a city")
+    assert foreign_text(messages, tools, ["Yes: ok"]) is None  # short texts are not compared

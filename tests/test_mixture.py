@@ -294,6 +294,6 @@ def test_data_check_reports_and_checks_each_source(sources, tmp_path, capsys, mo
     report = capsys.readouterr().out
     assert "train source 1/2: " in report and "train source 2/2: " in report  # a table each (rich wraps long titles)
     assert "source 2: end-of-turn trained in every sample" in report and "FAIL" not in report
-    # Rendering and the model's generation_config once, four checks per source.
-    assert report.count("PASS") == 2 + 2 * 4 and "train mixture (drawn once from data.seed 42" in report
+    # Rendering and the model's generation_config once, five checks per source.
+    assert report.count("PASS") == 2 + 2 * 5 and "train mixture (drawn once from data.seed 42" in report
     assert "source 1: generation_config" not in report

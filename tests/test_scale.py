@@ -27,7 +27,9 @@ def test_parameter_counts_match_the_published_sizes():
     published = {"Qwen/Qwen2.5-0.5B-Instruct": 0.49, "Qwen/Qwen2.5-7B-Instruct": 7.62, "Qwen/Qwen2.5-72B-Instruct": 72.7,
                  LLAMA_8B: 8.03, "meta-llama/Meta-Llama-3-70B-Instruct": 70.55, "Qwen/Qwen3-8B": 8.19, "Qwen/Qwen3-32B": 32.76,
                  "Qwen/Qwen3-30B-A3B": 30.53, "meta-llama/Llama-3.1-8B-Instruct": 8.03,
-                 "meta-llama/Llama-3.3-70B-Instruct": 70.55}
+                 "meta-llama/Llama-3.3-70B-Instruct": 70.55,
+                 # Gemma 3's report: the language model (embedding + non-embedding), without the 417M vision encoder
+                 "google/gemma-3-12b-it": 1.012 + 10.759, "google/gemma-3-27b-it": 1.416 + 25.600}
     for name, billions in published.items():
         plan = plan_memory(model_config(name), 1, SHARDINGS["ddp"])
         assert plan.parameters / 1e9 == pytest.approx(billions, abs=0.01), name

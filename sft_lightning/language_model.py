@@ -1,0 +1,85 @@
+"""The causal language model of a checkpoint, as Hugging Face ``from_pretrained`` builds it: a text model as it is,
+and the language model alone of an image-text checkpoint (Gemma 3 and 4, Mistral 3: the hub's instruction-tuned
+Gemma 3 and Qwen3.5 models are image-text checkpoints), so that what is trained and exported is a plain causal LM."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from sft_lightning.errors import ModelLoadError, loading
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+# Where an image-text checkpoint keeps its language model's weights: the hub's layout (``language_model.model.``,
+# Gemma 3's release) or transformers' own since 4.52 (``model.language_model.``); renamed to a text model's names as
+# they are read. The vision tower's weights are left unread.
+LANGUAGE_MODEL_KEYS = {
+    r"^language_model\.model\.": "model.",
+    r"^model\.language_model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
+
+
+def language_model_config(config):
+    """The config to build the causal LM from: ``config`` itself for a text model, the text part of an image-text one
+    (whose causal-LM class in transformers may build the vision tower too: ``Gemma3ForConditionalGeneration``)."""
+    return config.get_text_config()
+
+
+def causal_lm_config(path: str, trust_remote_code: bool = False):
+    """The config of ``path``'s causal LM (:func:`language_model_config`), read once."""
+    with loading(path, "model"):
+        return language_model_config(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+def build_causal_lm(
+    path: str,
+    torch_dtype: DType = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: Optional[str] = None,
+    pretrained: bool = True,
+    quantization_config=None,
+):
+    """Load ``path`` through ``from_pretrained``, or with ``pretrained`` False build its architecture from the config
+    alone (random weights, inside ZeRO-3's ``zero.Init``; on the meta device otherwise)."""
+    dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    with loading(path, "model"):
+        full = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = language_model_config(full)
+        if not pretrained:
+            return AutoModelForCausalLM.from_config(
+                config, dtype=None if dtype == "auto" else dtype, trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+            )
+        if config is full:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                quantization_config=quantization_config,
+            )
+        # The vision tower's weights are left unread on purpose: transformers would list each one as unexpected.
+        # What matters, a language-model weight not found, is checked here instead.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, key_mapping=LANGUAGE_MODEL_KEYS, output_loading_info=True, dtype=dtype,
+                trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                quantization_config=quantization_config,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    missing = sorted(info["missing_keys"], key=lambda name: (name.startswith("lm_head."), name))  # the body first
+    if missing:
+        raise ModelLoadError(
+            f"{path}: an image-text checkpoint whose language model was not found under language_model.model. or "
+            f"model.language_model. ({len(missing)} weights missing, e.g. {missing[0]})"
+        )
+    # transformers 5.24 keeps the renaming that loading applied (PreTrainedModel._weight_conversions, private) and
+    # reverts it when saving: the exported text model would be written under the image-text names, which a text model
+    # does not load. Without it, saving writes the text model's own names, as for a model built from its config.
+    model._weight_conversions = None
+    return model
