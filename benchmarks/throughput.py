@@ -31,6 +31,7 @@ from sft_lightning.module import SFTLitModule
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing
 from sft_lightning.render import load_tokenizer
 from sft_lightning.tokenized import tokenize_split
+from sft_lightning.layout import ConnectRunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "models" / "tiny-qwen2"
@@ -112,14 +113,14 @@ def lightning_run(model_path: str, data_path: str, batch_size: int, max_length: 
     """sft-lightning's module and data module under a Lightning Trainer, one epoch; seconds of the train loop."""
     seed_everything(0, verbose=False)
     timer = Timer()
-    trainer = Trainer(
-        accelerator="auto", devices=1, precision="32-true", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-    )
     module = SFTLitModule(model_path, learning_rate=LEARNING_RATE, warmup_ratio=0.0, lr_scheduler="constant")
     data = ChatMLDataModule(
         train_path=data_path, tokenizer_path=model_path, max_length=max_length, batch_size=batch_size,
         packing=packed, cache_dir=cache, seed=0,
+    )
+    trainer = Trainer(
+        accelerator="auto", devices=1, precision="32-true", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[ConnectRunLayout(module, data), timer],
     )
     trainer.fit(module, data)
     return timer.time_elapsed("train")

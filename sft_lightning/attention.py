@@ -21,16 +21,24 @@ where no kernel can serve (float32, a GPU before Ampere, a torch without the ker
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from sft_lightning.collate import PackedBatch, SupervisedPositions, TrainingBatch
+from sft_lightning.errors import PackingError
 from sft_lightning.packing import collate_packed
 from sft_lightning.varlen import run_varlen, varlen_kernel
 
 SDPA_VARLEN = "sdpa_varlen"
+# The packing check packs two spans of this many tokens from the first batch.
+PACKING_CHECK_TOKENS = 128
+# Same shapes round the same way, so a correct attention moves the second span's logits by exactly 0; a leak moves
+# them by a sizeable fraction of their scale.
+PACKING_CHECK_TOLERANCE = 1e-3
 # Attribute of an attention mask built by model_inputs: whether any position is padding, known on the host.
 MASK_HAS_PADDING = "_sft_lightning_has_padding"
 
@@ -135,6 +143,29 @@ def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, att
         output = model(**inputs, use_cache=False).logits
         logits.append(output.reshape(-1, output.shape[-1])[len(first) :].float())
     return (logits[0] - logits[1]).abs().max() / logits[0].abs().max().clamp(min=1e-6)
+
+
+def check_packing(model, input_ids: torch.Tensor, gather_max: Callable[[torch.Tensor], torch.Tensor],
+                  keeps_linear_layers_apart: bool) -> None:
+    """Refuse (:class:`PackingError`) an attention that lets packed samples mix: :func:`cross_sample_influence` on two
+    spans of ``input_ids`` (the first packed batch), through the model as it runs (sharded, mixed precision);
+    ``gather_max``: the largest influence over the ranks, so that every rank decides the same."""
+    tokens = input_ids.reshape(-1)[: 2 * PACKING_CHECK_TOKENS]
+    half = len(tokens) // 2
+    attn = model.config._attn_implementation
+    was_training = model.training
+    model.eval()  # no dropout, so any difference is the attention's
+    with torch.no_grad():
+        influence = cross_sample_influence(model, tokens[:half], tokens[half : 2 * half], attn)
+    model.train(was_training)
+    influence = gather_max(influence).item()
+    if influence > PACKING_CHECK_TOLERANCE:
+        # Linear-attention layers learn the sample boundaries only from the variable-length inputs.
+        fits = "sdpa_varlen or flash_attention_2" if keeps_linear_layers_apart else "sdpa_varlen, sdpa or flash_attention_2"
+        raise PackingError(
+            f"packed samples attend to each other with attn_implementation={attn} (a sample's logits move by "
+            f"{influence:.3g} of their scale when the sample before it changes): use {fits}, or set data.packing false"
+        )
 
 
 def sdpa_varlen_mask(*args, attention_mask=None, **kwargs):

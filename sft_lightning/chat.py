@@ -8,7 +8,9 @@ reads one user message per line and prints one reply per line with no decoration
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Callable, Optional, TextIO
 
 import torch
@@ -47,28 +49,57 @@ class ChatSession:
         """What the model would see after ``user_text``: the history rendered by the training template."""
         return render_text(self.tokenizer, self.messages + [{"role": "user", "content": user_text}], True)
 
-    def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> tuple[str, bool]:
-        """Answer ``text``; ``on_text`` receives the reply piece by piece. Returns (reply, stopped at end-of-turn)."""
+    def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None,
+              stop: Optional["StopRequest"] = None) -> tuple[str, bool]:
+        """Answer ``text``; ``on_text`` receives the reply piece by piece, and a Ctrl-C that ``stop`` records ends it
+        at the next token (KeyboardInterrupt). Returns (reply, stopped at end-of-turn)."""
         self.messages.append({"role": "user", "content": text})
         # What a person types is text: "<|im_end|>" typed in a chat is not the end-of-turn token.
         prompt = render_prompt(self.messages, self.tokenizer, split_special_tokens=True)
         ids = torch.tensor([prompt], device=self.model.device)
-        streamer = _Streamer(self.tokenizer, on_text) if on_text else None
+        streamer = _Streamer(self.tokenizer, on_text, stop) if on_text else None
         try:
+            if stop is not None:
+                stop.replying, stop.requested = True, False
             answer = generate_replies(
                 self.model, self.tokenizer, ids, torch.ones_like(ids), self.settings, self.stops, streamer
             )[0]
         except KeyboardInterrupt:  # stopped by the user: the exchange is not part of the conversation
             self.messages.pop()
             raise
+        finally:
+            if stop is not None:
+                stop.replying = False
         self.messages.append({"role": "assistant", "content": answer.text})
         return answer.text, answer.stopped
 
 
+class StopRequest:
+    """Ctrl-C on a terminal as a flag while a reply is written, acted on by the streamer at the next token. The
+    KeyboardInterrupt Python raises wherever the signal lands can be lost: an exception raised inside a finalizer or
+    a weakref callback (generation runs many) is printed and dropped, and the reply then ran to max_new_tokens."""
+
+    def __init__(self) -> None:
+        self.replying = False
+        self.requested = False
+
+    def handle(self, signum, frame) -> None:
+        if not self.replying:
+            raise KeyboardInterrupt  # at the prompt: a fresh prompt, as in a shell
+        self.requested = True
+
+
 class _Streamer(TextStreamer):
-    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: Optional[StopRequest] = None) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.on_text = on_text
+        self.stop = stop
+
+    def put(self, value) -> None:
+        # Called by generate after every token, in plain code: an exception raised here reaches the REPL.
+        if self.stop is not None and self.stop.requested:
+            raise KeyboardInterrupt
+        super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.on_text(text)
@@ -121,8 +152,22 @@ def chat(
 def run_session(session: ChatSession, lines: TextIO, out: TextIO, err: TextIO, interactive: bool, show_prompt: bool) -> None:
     """The REPL loop, on any streams (tests drive it with StringIO, and through a pseudo-terminal)."""
     terminal = interactive and lines is sys.stdin and sys.stdin.isatty()
+    stop = None
     if terminal:
         import readline  # noqa: F401  (input() then edits lines and keeps their history)
+
+        if threading.current_thread() is threading.main_thread():
+            stop = StopRequest()
+            previous = signal.signal(signal.SIGINT, stop.handle)
+    try:
+        _repl(session, lines, out, err, interactive, terminal, show_prompt, stop)
+    finally:
+        if stop is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _repl(session: ChatSession, lines: TextIO, out: TextIO, err: TextIO, interactive: bool, terminal: bool,
+          show_prompt: bool, stop: Optional[StopRequest]) -> None:
     notes = out if interactive else err  # confirmations: on the terminal, or to stderr when piped
     while True:
         try:
@@ -156,7 +201,7 @@ def run_session(session: ChatSession, lines: TextIO, out: TextIO, err: TextIO, i
         try:
             if interactive:
                 out.write("assistant> ")
-                reply, stopped = session.reply(text, on_text=lambda piece: (out.write(piece), out.flush()))
+                reply, stopped = session.reply(text, on_text=lambda piece: (out.write(piece), out.flush()), stop=stop)
                 out.write("\n")
             else:
                 reply, stopped = session.reply(text)

@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 from transformers import AutoConfig
 
-from sft_lightning.module import SFTLitModule, drop_head_copy, init_buffers
+from sft_lightning.language_model import init_buffers
+from sft_lightning.checkpointing import drop_head_copy
+from sft_lightning.module import SFTLitModule
 
 FSDP_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards of a checkpoint
 
@@ -64,7 +66,7 @@ def load_trained_module(ckpt_path: str | Path, dtype: Optional[str] = None) -> S
 
 def materialize_buffers(model: torch.nn.Module) -> None:
     """Give the buffers that no state dict holds (left on the meta device by a meta build) host memory and their
-    values; before the weights are loaded (see :func:`~sft_lightning.module.init_buffers`)."""
+    values; before the weights are loaded (see :func:`~sft_lightning.language_model.init_buffers`)."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA's wrapper
     non_persistent = {name for name, _ in model.named_non_persistent_buffers()}
     for name, buffer in model.named_buffers():

@@ -1,5 +1,5 @@
-"""Checkpoints that survive a kill: atomic writes (files, and the sharded folders of FSDP2 and DeepSpeed), and
-``--ckpt_path last`` that finds the newest one of a run."""
+"""Checkpoints that survive a kill: atomic writes (files, and the sharded folders of FSDP2 and DeepSpeed),
+``--ckpt_path last`` that finds the newest one of a run, and the module's arguments as a checkpoint keeps them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from sft_lightning.adapters import as_lora, lora_dict
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -110,3 +112,20 @@ def replace_path(source: Path, target: Path) -> None:
         shutil.rmtree(aside)
         return
     source.rename(target)
+
+
+def portable_arguments(hparams) -> dict[str, Any]:
+    """The module's arguments as a checkpoint needs them: loadable with ``weights_only`` (LoRA as a plain dict), and a
+    local model folder as an absolute path (checkpoints are exported and resumed from other working directories)."""
+    portable = {"lora": lora_dict(as_lora(hparams.lora))}
+    if Path(hparams.model_name_or_path).expanduser().is_dir():
+        portable["model_name_or_path"] = str(Path(hparams.model_name_or_path).expanduser().resolve())
+    return portable
+
+
+def drop_head_copy(state_dict: dict) -> dict:
+    """``state_dict`` without the second copy of the LM head that checkpoints written before 2026-12 hold (the module
+    kept the head as an attribute of its own, ``_scoring_head``)."""
+    for name in [name for name in state_dict if name.startswith("_scoring_head.")]:
+        del state_dict[name]
+    return state_dict

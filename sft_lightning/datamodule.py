@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
+from sft_lightning.layout import RunLayout, connected
 from sft_lightning.loaders import MicroBatchDataset, PromptDataset, ResumableLoader, collate_prompt_batch
 from sft_lightning.mixture import Mixture
 from sft_lightning.packing import pack_best_fit_decreasing
@@ -104,6 +105,7 @@ class ChatMLDataModule(LightningDataModule):
         if packing and (group_by_length or max_tokens_per_batch):
             raise DataError("data.packing already fills rows; group_by_length and max_tokens_per_batch are for unpacked batches")
         self.tokenizer = None
+        self._layout: Optional[RunLayout] = None
         self.splits: dict[str, Mixture] = {}
         self._reported: set[str] = set()  # splits whose summary is printed
         self._packed_rows: dict[str, list[list[int]]] = {}
@@ -114,6 +116,14 @@ class ChatMLDataModule(LightningDataModule):
     def connect(self, tokenizer) -> None:
         """Render with ``tokenizer`` (the model's, loaded once by the CLI) instead of loading ``tokenizer_path``."""
         self.tokenizer = tokenizer
+
+    def connect_layout(self, layout: RunLayout) -> None:
+        """Plan the micro-batches for ``layout`` (:class:`~sft_lightning.layout.ConnectRunLayout` calls this)."""
+        self._layout = layout
+
+    @property
+    def layout(self) -> RunLayout:
+        return connected(self._layout, self.trainer is not None, "data module")
 
     def _load_tokenizer(self) -> None:
         if self.tokenizer is not None:
@@ -131,9 +141,9 @@ class ChatMLDataModule(LightningDataModule):
         """Each file of each source tokenised on its own (and cached so), then the mixture drawn from them."""
         h = self.hparams
         workers = h.preprocessing_workers
-        if workers is None and self.trainer is not None:
-            # Ranks on a node share its CPUs.
-            workers = None if self.trainer.world_size == 1 else max((os.cpu_count() or 1) // self.trainer.world_size, 1)
+        if workers is None and self.trainer is not None and self.trainer.num_devices > 1:
+            # The ranks on a node (its devices) share its CPUs.
+            workers = max((os.cpu_count() or 1) // self.trainer.num_devices, 1)
         sources = resolve_sources(h[f"{name}_path"], f"{name}_path", h.format)
         parts = [
             [tokenize_split(str(file), self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
@@ -189,20 +199,20 @@ class ChatMLDataModule(LightningDataModule):
 
     def _plan(self, name: str, training: bool, single_process: bool = False, plain: bool = False) -> StepPlan:
         """The micro-batch plan of a split; ``plain``: without packing or grouping, to compare against."""
-        h, split, trainer = self.hparams, self.splits[name], self.trainer
+        h, split = self.hparams, self.splits[name]
         packed = h.packing and not plain
         lengths, supervised = split.lengths, split.supervised_tokens
         if packed:
             rows = self._rows(name)
             lengths = tuple(sum(lengths[i] for i in row) for row in rows)
             supervised = tuple(sum(supervised[i] for i in row) for row in rows)
-        distributed = trainer is not None and not single_process
+        layout = RunLayout() if single_process else self.layout
         return StepPlan(
             supervised,
             batch_size=h.batch_size if training else self._eval_batch_size,
-            accumulate_grad_batches=trainer.accumulate_grad_batches if training and distributed else 1,
-            num_replicas=trainer.world_size if distributed else 1,
-            rank=trainer.global_rank if distributed else 0,
+            accumulate_grad_batches=layout.accumulation if training else 1,
+            num_replicas=layout.data_parallel_size,
+            rank=layout.data_parallel_rank,
             shuffle=training and h.shuffle,
             seed=h.seed,
             lengths=lengths,
@@ -281,13 +291,13 @@ class ChatMLDataModule(LightningDataModule):
         return self._loader("test", training=False)
 
     def predict_dataloader(self) -> DataLoader:
-        trainer = self.trainer
+        layout = self.layout
         # Every rank runs the same number of batches: a sharded model (FSDP2, ZeRO-3) gathers its weights in each
         # forward, with every rank taking part. DistributedSampler fills the last batches by repeating prompts; the
         # writer keeps one answer per prompt. (Lightning's own predict sampler leaves the counts unequal.)
         sampler = None
-        if trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSampler(self.predict_dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+        if layout.distributed:
+            sampler = DistributedSampler(self.predict_dataset, layout.processes, layout.rank, shuffle=False)
         return DataLoader(
             self.predict_dataset,
             sampler=sampler,

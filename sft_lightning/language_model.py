@@ -4,13 +4,16 @@ Gemma 3 and Qwen3.5 models are image-text checkpoints), so that what is trained 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from sft_lightning.errors import ModelLoadError, loading
+from sft_lightning.linear_attention import keep_linear_attention_apart
+from sft_lightning.lm_head import install_chunked_head
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -83,3 +86,39 @@ def build_causal_lm(
     # does not load. Without it, saving writes the text model's own names, as for a model built from its config.
     model._weight_conversions = None
     return model
+
+
+def init_buffers(model) -> None:
+    """Compute the buffers that no state dict holds (the rotary ``inv_freq``, Gemma's ``embed_scale``) of a model whose
+    tensors were created empty (``to_empty`` after the meta device). Call it before the weights are loaded: it may
+    reset the parameters of a module that owns such a buffer (Gemma's scaled embedding).
+
+    transformers 5.24 computes these buffers in ``PreTrainedModel._init_weights`` (private), which is applied here
+    only to the modules that own such a buffer, the same way ``from_pretrained`` applies it to them."""
+    owners = {name.rpartition(".")[0] for name, _ in model.named_non_persistent_buffers()}
+    for owner in sorted(owners):
+        model._init_weights(model.get_submodule(owner))
+
+
+class TrainingChanges(NamedTuple):
+    added_tokens: int  # embedding rows added for the tokenizer's vocabulary
+    linear_layers: int  # linear-attention layers kept apart in packed rows
+
+
+def prepare_for_training(model, vocabulary: int, pretrained: bool, gradient_checkpointing: bool,
+                         lm_head_chunk_tokens: Optional[int]) -> TrainingChanges:
+    """Make a built model ready to train here: the tokenizer's ``vocabulary`` (the ChatML fallback adds
+    <|im_start|>/<|im_end|> to a template-less tokenizer; new rows start at the mean embedding, and a model without
+    weights yet, on meta, gets them from its checkpoint), activation checkpointing, linear-attention layers that keep
+    packed samples apart, and the LM head scored in chunks of ``lm_head_chunk_tokens`` positions."""
+    added = max(vocabulary - model.get_input_embeddings().num_embeddings, 0)
+    if added:
+        model.resize_token_embeddings(vocabulary, mean_resizing=pretrained)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    linear_layers = keep_linear_attention_apart(model)
+    if lm_head_chunk_tokens:
+        why_not = install_chunked_head(model, lm_head_chunk_tokens)
+        if why_not and pretrained:
+            rank_zero_info(f"model.lm_head_chunk_tokens: the LM head and the loss run unchunked: {why_not}")
+    return TrainingChanges(added, linear_layers)

@@ -23,6 +23,7 @@ from sft_lightning.errors import ConfigError, DataError
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
 from sft_lightning.language_model import causal_lm_config
+from sft_lightning.layout import ConnectRunLayout
 from sft_lightning.metrics import Tokenize
 from sft_lightning.module import SFTLitModule
 from sft_lightning.preemption import Preemption
@@ -152,6 +153,8 @@ class SFTLightningCLI(LightningCLI):
         # pretrained ones, which are then never read.
         self.model.connect(tokenizer, checkpoint_follows=ckpt_path is not None)
         self.datamodule.connect(tokenizer)
+        # The ranks, sizes and loss divisor, once the strategy has started the processes: the same for both.
+        self.trainer.callbacks.insert(0, ConnectRunLayout(self.model, self.datamodule))
         if config is not None:
             # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the
             # micro-batch off the loader's batch_sampler, which a loader of whole micro-batches does not have.

@@ -48,7 +48,7 @@ def micro_batch_loss(nll_sum: torch.Tensor, step_supervised_tokens: int, framewo
     """The value to backpropagate so that the optimizer step sees the token mean of its whole step.
 
     ``framework_divisor`` is what Lightning and the strategy divide the loss (or the gradients) by on the way to
-    the optimizer (see ``sft_lightning.zero.loss_divisor``).
+    the optimizer (``RunLayout.loss_divisor``, :mod:`sft_lightning.layout`).
     """
     return nll_sum * framework_divisor / max(int(step_supervised_tokens), 1)
 

@@ -4,63 +4,29 @@ from __future__ import annotations
 
 import inspect
 import math
-from functools import partial
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import get_scheduler
 
-from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, lora_dict, quantization_config
-from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence, model_inputs
-from sft_lightning.checkpointing import newest_checkpoint
+from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, quantization_config
+from sft_lightning.attention import SDPA_VARLEN, check_packing, model_inputs
+from sft_lightning.checkpointing import drop_head_copy, newest_checkpoint, portable_arguments
 from sft_lightning.collate import BatchCounts, PackedBatch, TrainingBatch
-from sft_lightning.errors import ConfigError, NonFiniteError, PackingError
 from sft_lightning.generation import GenerationSettings, generate_replies
-from sft_lightning.language_model import DType, build_causal_lm
-from sft_lightning.linear_attention import keep_linear_attention_apart
-from sft_lightning.lm_head import ChunkedLMHead, install_chunked_head
+from sft_lightning.language_model import DType, build_causal_lm, prepare_for_training
+from sft_lightning.layout import RunLayout, connected
+from sft_lightning.lm_head import ChunkedLMHead
 from sft_lightning.moe import MoE, StepRouter, moe_of, router_balance
-from sft_lightning.nonfinite import NonFiniteGuard
+from sft_lightning.nonfinite import NonFiniteGuard, nonfinite_error
 from sft_lightning.loss import TokenMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
-from sft_lightning.sharding import FSDP2Strategy
 from sft_lightning.throughput import FlopParameters, matmul_parameters, training_flops
-from sft_lightning.zero import (
-    adamw, at_optimizer_step, deepspeed_config, end_zero3_loading, float32_rotary_buffers, is_zero3, logical_ndim,
-    loss_divisor, zero3_loading,
-)
-
-# The packing check packs two spans of this many tokens from the first batch.
-PACKING_CHECK_TOKENS = 128
-# Same shapes round the same way, so a correct attention moves the second span's logits by exactly 0; a leak moves
-# them by a sizeable fraction of their scale.
-PACKING_CHECK_TOLERANCE = 1e-3
+from sft_lightning.strategy_model import StrategyModel, decay_groups, strategy_model
 
 # Our names to transformers' scheduler names; "constant" still warms up.
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-def init_buffers(model) -> None:
-    """Compute the buffers that no state dict holds (the rotary ``inv_freq``, Gemma's ``embed_scale``) of a model whose
-    tensors were created empty (``to_empty`` after the meta device). Call it before the weights are loaded: it may
-    reset the parameters of a module that owns such a buffer (Gemma's scaled embedding).
-
-    transformers 5.24 computes these buffers in ``PreTrainedModel._init_weights`` (private), which is applied here
-    only to the modules that own such a buffer, the same way ``from_pretrained`` applies it to them."""
-    owners = {name.rpartition(".")[0] for name, _ in model.named_non_persistent_buffers()}
-    for owner in sorted(owners):
-        model._init_weights(model.get_submodule(owner))
-
-
-def drop_head_copy(state_dict: dict) -> dict:
-    """``state_dict`` without the second copy of the LM head that checkpoints written before 2026-12 hold (the module
-    kept the head as an attribute of its own, ``_scoring_head``)."""
-    for name in [name for name in state_dict if name.startswith("_scoring_head.")]:
-        del state_dict[name]
-    return state_dict
 
 
 class SFTLitModule(LightningModule):
@@ -130,15 +96,14 @@ class SFTLitModule(LightningModule):
         self._packing_checked = False
         self._keeps_logits = False
         self._added_tokens = 0  # rows the tokenizer adds to the pretrained vocabulary
-        self._deepspeed: Optional[dict] = None  # the DeepSpeed config, when trained under DeepSpeed
-        self._hf_deepspeed = None
-        self._first_forward_done = False
+        self._strategy: StrategyModel = StrategyModel()  # what the model does under the run's strategy (build)
         self._nonfinite = NonFiniteGuard(nonfinite_patience)
         self._step_loss = torch.zeros(())
         self._checkpoint_follows = False  # set by connect(): the weights come from a checkpoint, not the folder
         self._linear_layers = 0  # linear-attention layers that run packed rows sample by sample
         self._moe: Optional[MoE] = None  # the router balance of a mixture-of-experts model
         self._step_router = StepRouter()
+        self._layout: Optional[RunLayout] = None  # connected by ConnectRunLayout once the processes exist
 
     @property
     def _attached_trainer(self):
@@ -158,6 +123,14 @@ class SFTLitModule(LightningModule):
         self.tokenizer = tokenizer
         self._checkpoint_follows = checkpoint_follows
 
+    def connect_layout(self, layout: RunLayout) -> None:
+        """Scale the loss and reduce across ranks for ``layout`` (:class:`~sft_lightning.layout.ConnectRunLayout`)."""
+        self._layout = layout
+
+    @property
+    def layout(self) -> RunLayout:
+        return connected(self._layout, self._attached_trainer is not None, "model")
+
     def configure_model(self) -> None:
         # A QLoRA base is quantized as it is read, and its checkpoint holds the quantized weights: read it always.
         self.build(pretrained=not self._checkpoint_follows or self.hparams.quantization is not None)
@@ -174,20 +147,9 @@ class SFTLitModule(LightningModule):
             self.tokenizer = load_tokenizer(h.model_name_or_path, h.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         lora = as_lora(h.lora)
-        self._deepspeed = deepspeed_config(self._attached_trainer.strategy if self._attached_trainer is not None else None)
-        if is_zero3(self._deepspeed):
-            self._hf_deepspeed = zero3_loading(self._deepspeed)  # alive while and after from_pretrained runs
-        if self.device_mesh is not None:  # set by a ModelParallelStrategy before this hook
-            model = self._sharded_model(pretrained)
-        elif pretrained or self._hf_deepspeed is not None:  # ZeRO-3 partitions as it builds: never on meta
-            model = self._causal_lm(pretrained)
-        else:
-            with torch.device("meta"):
-                model = self._causal_lm(pretrained=False)
-            if materialize:
-                model.to_empty(device="cpu")
-                model.tie_weights()  # to_empty gives each tied module a tensor of its own
-                init_buffers(model)
+        trainer = self._attached_trainer
+        self._strategy = strategy_model(trainer and trainer.strategy, lora is not None or h.quantization is not None)
+        model = self._strategy.build(self._causal_lm, pretrained, materialize)
         self._matmul_parameters = matmul_parameters(model)
         self._moe = moe_of(model.config)
         # Checked before any strategy wraps the model (a wrapper's forward takes *args, **kwargs).
@@ -205,57 +167,10 @@ class SFTLitModule(LightningModule):
             h.model_name_or_path, h.torch_dtype, h.trust_remote_code, h.attn_implementation, pretrained,
             quantization_config(h.quantization, as_lora(h.lora)) if pretrained else None,
         )
-        self._added_tokens = max(len(self.tokenizer) - model.get_input_embeddings().num_embeddings, 0)
-        if self._added_tokens:
-            # The ChatML fallback added <|im_start|>/<|im_end|> to a template-less tokenizer. New rows start at the
-            # mean embedding; a model without weights yet (meta) gets them from a pretrained one.
-            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=pretrained)
-        if h.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._linear_layers = keep_linear_attention_apart(model)
-        if h.lm_head_chunk_tokens:
-            why_not = install_chunked_head(model, h.lm_head_chunk_tokens)
-            if why_not and pretrained:
-                rank_zero_info(f"model.lm_head_chunk_tokens: the LM head and the loss run unchunked: {why_not}")
-        return model
-
-    def _sharded_model(self, pretrained: bool):
-        strategy = self.trainer.strategy
-        if not isinstance(strategy, FSDP2Strategy):
-            raise ConfigError(f"{type(strategy).__name__}: for sharded training use sft_lightning.sharding.FSDP2Strategy")
-        if self.hparams.lora is not None or self.hparams.quantization is not None:
-            raise ConfigError("FSDP2Strategy trains every weight; LoRA and QLoRA fit one GPU: use trainer.strategy ddp")
-        return strategy.load_pretrained(
-            partial(self._causal_lm, pretrained=False), partial(self._causal_lm, pretrained=True) if pretrained else None,
-            init_buffers,
+        self._added_tokens, self._linear_layers = prepare_for_training(
+            model, len(self.tokenizer), pretrained, h.gradient_checkpointing, h.lm_head_chunk_tokens
         )
-
-    def _check_packing(self, input_ids: torch.Tensor) -> None:
-        """Once per run, in the first packed forward on every rank: refuse an attention that lets packed samples
-        mix. Runs wherever the model runs (sharded, mixed precision), with the same decision on every rank."""
-        self._packing_checked = True
-        tokens = input_ids.reshape(-1)[: 2 * PACKING_CHECK_TOKENS]
-        half = len(tokens) // 2
-        attn = self.model.config._attn_implementation
-        was_training = self.model.training
-        self.model.eval()  # no dropout, so any difference is the attention's
-        with torch.no_grad():
-            influence = cross_sample_influence(self.model, tokens[:half], tokens[half : 2 * half], attn)
-        self.model.train(was_training)
-        influence = self.all_gather(influence).max().item()
-        if influence > PACKING_CHECK_TOLERANCE:
-            # Linear-attention layers learn the sample boundaries only from the variable-length inputs.
-            fits = "sdpa_varlen or flash_attention_2" if self._linear_layers else "sdpa_varlen, sdpa or flash_attention_2"
-            raise PackingError(
-                f"packed samples attend to each other with attn_implementation={attn} (a sample's logits move by "
-                f"{influence:.3g} of their scale when the sample before it changes): use {fits}, or set "
-                "data.packing false"
-            )
-
-    def _before_first_forward(self) -> None:
-        self._first_forward_done = True
-        if self._deepspeed is not None:  # built under zero.Init, whose context has ended by now
-            float32_rotary_buffers(self.model)
+        return model
 
     def flops(self, counts: BatchCounts) -> float:
         """FLOPs of a forward and backward of a micro-batch of these counts (for MFU; see
@@ -265,10 +180,11 @@ class SFTLitModule(LightningModule):
     def score(self, batch: TrainingBatch) -> TokenStats:
         """NLL sum, supervised-token count and correct predictions of a training batch (the loss and metrics'
         one source, in training, validation and test)."""
-        if not self._first_forward_done:
-            self._before_first_forward()
+        self._strategy.before_forward(self.model)
         if isinstance(batch, PackedBatch) and self.hparams.packing_check and not self._packing_checked:
-            self._check_packing(batch.input_ids)
+            # Once per run, in the first packed forward on every rank.
+            self._packing_checked = True
+            check_packing(self.model, batch.input_ids, lambda t: self.all_gather(t).max(), self._linear_layers > 0)
         inputs, positions = model_inputs(batch, self.model.config._attn_implementation)
         if self._keeps_logits:
             inputs["logits_to_keep"] = positions.keep
@@ -289,7 +205,7 @@ class SFTLitModule(LightningModule):
         if not balancing:
             return stats
         trainer = self._attached_trainer
-        several = trainer is not None and trainer.world_size > 1
+        several = self.layout.data_parallel_size > 1
         reduce_sum = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if several else (lambda t: t)
         return stats._replace(router=router_balance(output.router_logits, batch.real_tokens, self._moe, reduce_sum))
 
@@ -297,8 +213,7 @@ class SFTLitModule(LightningModule):
         stats = self.score(batch)
         step_tokens = batch.step_supervised_tokens
         self._step_loss = self._step_loss.to(stats.nll_sum.device) + stats.nll_sum.detach() / step_tokens
-        accumulate = self.trainer.accumulate_grad_batches
-        divisor = loss_divisor(self._deepspeed, accumulate, self.trainer.world_size)
+        accumulate, divisor = self.layout.accumulation, self.layout.loss_divisor
         loss = micro_batch_loss(stats.nll_sum, step_tokens, divisor)
         if stats.router is None:
             return loss
@@ -307,7 +222,7 @@ class SFTLitModule(LightningModule):
         return loss + self._moe.coefficient * stats.router.local_loss * divisor / accumulate
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if not at_optimizer_step(self.trainer.strategy):
+        if not self._strategy.at_optimizer_step():
             return  # DeepSpeed: a micro-batch inside the accumulation
         # Called once per optimizer step after every micro-batch's backward: the step's exact token mean.
         self.log("train_loss", self._step_loss, prog_bar=True, sync_dist=True, reduce_fx="sum")
@@ -317,11 +232,11 @@ class SFTLitModule(LightningModule):
         trainer = self.trainer
         stop = self._nonfinite.before_step(
             self._step_loss, optimizer, check_gradients=getattr(trainer.precision_plugin, "scaler", None) is None,
-            reduce=lambda flag: trainer.strategy.reduce(flag, reduce_op="sum") if trainer.world_size > 1 else flag,
-            deepspeed=self._deepspeed,
+            reduce=lambda flag: trainer.strategy.reduce(flag, reduce_op="sum") if self.layout.distributed else flag,
+            deepspeed=self._strategy.deepspeed,
         )
         if stop is not None:
-            self._raise_nonfinite(stop)
+            raise nonfinite_error(stop, self.trainer.global_step + 1, newest_checkpoint(self.trainer.default_root_dir))
         self.log("train_nonfinite_steps", torch.full((), float(self._nonfinite.skipped), device=self.device),
                  rank_zero_only=True)
         self._step_loss = torch.zeros((), device=self._step_loss.device)
@@ -329,27 +244,12 @@ class SFTLitModule(LightningModule):
             self.log_dict(self._step_router.metrics(), rank_zero_only=True)  # the same on every rank
             self._step_router = StepRouter()
 
-    def _raise_nonfinite(self, what: str) -> None:
-        last = newest_checkpoint(self.trainer.default_root_dir)
-        raise NonFiniteError(
-            f"{what} (to step {self.trainer.global_step + 1}) had a NaN or infinite loss or gradient; the last good "
-            f"checkpoint is {last or 'none (none was saved)'}; lower model.learning_rate or look for a broken batch"
-        )
-
     def teardown(self, stage: str) -> None:
-        if self._hf_deepspeed is not None:
-            self._hf_deepspeed = None
-            end_zero3_loading()
+        self._strategy.teardown()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["nonfinite_steps"] = self._nonfinite.skipped
-        # The arguments as a checkpoint needs them: loadable with weights_only (LoRA as a plain dict), and a local
-        # model folder as an absolute path (checkpoints are exported and resumed from other working directories).
-        h = self.hparams
-        portable = {"lora": lora_dict(as_lora(h.lora))}
-        if Path(h.model_name_or_path).expanduser().is_dir():
-            portable["model_name_or_path"] = str(Path(h.model_name_or_path).expanduser().resolve())
-        checkpoint.setdefault("hyper_parameters", {}).update(portable)
+        checkpoint.setdefault("hyper_parameters", {}).update(portable_arguments(self.hparams))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._nonfinite.skipped = checkpoint.get("nonfinite_steps", 0)
@@ -373,24 +273,17 @@ class SFTLitModule(LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     def predict_step(self, batch, batch_idx):
-        if not self._first_forward_done:
-            self._before_first_forward()
-        sharded = self.device_mesh is not None or is_zero3(self._deepspeed)
+        self._strategy.before_forward(self.model)
         replies = generate_replies(
             self.model, self.tokenizer, batch.input_ids, batch.attention_mask, self.generation_settings, self.stop_ids,
-            synced=sharded and self.trainer.world_size > 1,
+            synced=self._strategy.sharded and self.layout.distributed,
         )
         return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch.index, replies)]
 
     def configure_optimizers(self):
         h = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # Biases and norm weights are the 1-D parameters; decaying them only hurts.
-        groups = [
-            {"params": [p for p in params if logical_ndim(p) >= 2], "weight_decay": h.weight_decay},
-            {"params": [p for p in params if logical_ndim(p) < 2], "weight_decay": 0.0},
-        ]
-        optimizer = adamw(groups, h.learning_rate, tuple(h.adam_betas), self._deepspeed)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self._strategy.optimizer(decay_groups(trained, h.weight_decay), h.learning_rate, tuple(h.adam_betas))
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_scheduler(
             SCHEDULERS[h.lr_scheduler], optimizer,

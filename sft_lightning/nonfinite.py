@@ -6,11 +6,13 @@ logs the count and raises with the name of the last good checkpoint when the gua
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
+from sft_lightning.errors import NonFiniteError
 from sft_lightning.zero import skips_nonfinite_steps
 
 
@@ -55,3 +57,11 @@ def step_is_finite(step_loss: torch.Tensor, optimizer, check_gradients: bool, re
                 norm = norm.full_tensor()
             finite = finite & torch.isfinite(norm)
     return reduce((~finite).float()).item() == 0
+
+
+def nonfinite_error(what: str, step: int, last_checkpoint: Optional[Path]) -> NonFiniteError:
+    """The one-line error that stops a run at optimizer step ``step``, naming the last checkpoint (only finite weights)."""
+    return NonFiniteError(
+        f"{what} (to step {step}) had a NaN or infinite loss or gradient; the last good checkpoint is "
+        f"{last_checkpoint or 'none (none was saved)'}; lower model.learning_rate or look for a broken batch"
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -32,6 +33,8 @@ from transformers import PreTrainedModel
 from sft_lightning.checkpointing import save_beside
 from sft_lightning.errors import ConfigError
 from sft_lightning.memory import decoder_layer_names
+from sft_lightning.language_model import init_buffers
+from sft_lightning.strategy_model import CausalLM, StrategyModel
 
 # Lightning precision -> the dtype FSDP2 gathers parameters in for compute (None: as stored).
 PARAM_DTYPES = {"bf16-mixed": torch.bfloat16}
@@ -162,3 +165,18 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         write = super().save_checkpoint
         save_beside(self, filepath, lambda partial: write(checkpoint, partial, storage_options))
+
+
+class FSDP2Model(StrategyModel):
+    """The model under :class:`FSDP2Strategy`: built on the meta device by every rank and sharded, the pretrained
+    weights read by rank 0 alone and sent in shards (or not read at all when a checkpoint's follow)."""
+
+    sharded = True
+
+    def __init__(self, strategy: FSDP2Strategy) -> None:
+        self.strategy = strategy
+
+    def build(self, causal_lm: CausalLM, pretrained: bool, materialize: bool = True) -> torch.nn.Module:
+        return self.strategy.load_pretrained(
+            partial(causal_lm, False), partial(causal_lm, True) if pretrained else None, init_buffers
+        )

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeed
 from lightning.pytorch.strategies import Strategy
 
 from sft_lightning.checkpointing import save_beside
+from sft_lightning.strategy_model import CausalLM, StrategyModel
 
 
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
@@ -41,6 +42,37 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Optional[Any] = None) -> None:
         write = super().save_checkpoint
         save_beside(self, filepath, lambda partial: write(checkpoint, partial, storage_options))
+
+
+class DeepSpeedModel(StrategyModel):
+    """The model under a DeepSpeed strategy: built inside ``zero.Init`` under ZeRO-3 (with transformers told the
+    config), rotary buffers rebuilt in float32 before the first forward, optimizer hooks that precede a step only at
+    the accumulation boundary, DeepSpeed's CPU Adam where the optimizer is offloaded."""
+
+    def __init__(self, strategy: LightningDeepSpeedStrategy, config: dict[str, Any]) -> None:
+        self.strategy, self.deepspeed = strategy, config
+        self.sharded = is_zero3(config)
+        self._loading = None  # transformers' view of the ZeRO-3 config, alive from the build to the teardown
+
+    def build(self, causal_lm: CausalLM, pretrained: bool, materialize: bool = True) -> torch.nn.Module:
+        if not self.sharded:
+            return super().build(causal_lm, pretrained, materialize)
+        self._loading = zero3_loading(self.deepspeed)
+        return causal_lm(pretrained)  # partitioned as it is built: never on the meta device
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        float32_rotary_buffers(model)  # built under zero.Init (whose context has ended by now) in the training dtype
+
+    def at_optimizer_step(self) -> bool:
+        return at_optimizer_step(self.strategy)
+
+    def optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+        return adamw(groups, lr, betas, self.deepspeed)
+
+    def teardown(self) -> None:
+        if self._loading is not None:
+            self._loading = None
+            end_zero3_loading()
 
 
 def deepspeed_config(strategy: Optional[Strategy]) -> Optional[dict[str, Any]]:
@@ -93,11 +125,6 @@ def float32_rotary_buffers(model: torch.nn.Module) -> int:
     return rebuilt
 
 
-def logical_ndim(parameter: torch.nn.Parameter) -> int:
-    """A parameter's number of dimensions, also when ZeRO-3 has partitioned it into an empty 1-D placeholder."""
-    return len(getattr(parameter, "ds_shape", parameter.shape))
-
-
 def logical_numel(parameter: torch.nn.Parameter) -> int:
     return getattr(parameter, "ds_numel", None) or parameter.numel()
 
@@ -137,11 +164,3 @@ def skips_nonfinite_steps(config: dict[str, Any]) -> bool:
     fp16 = config.get("fp16", {}).get("enabled", False)
     bf16 = config.get("bf16", {}).get("enabled", False) and config["bf16"].get("check_grad_overflow", True)
     return fp16 or (stage in (1, 2) and bf16)
-
-
-def loss_divisor(config: Optional[dict[str, Any]], accumulate_grad_batches: int, world_size: int) -> int:
-    """What the framework divides a micro-batch's loss by before its gradient reaches the optimizer: Lightning the
-    accumulation count, DDP/FSDP/DeepSpeed the ranks (gradient averaging), and DeepSpeed's ``engine.backward`` the
-    accumulation count once more."""
-    again = accumulate_grad_batches if config is not None else 1
-    return accumulate_grad_batches * again * world_size

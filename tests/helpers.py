@@ -13,6 +13,7 @@ from sft_lightning.attention import packed_model_inputs
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.module import SFTLitModule
 from sft_lightning.packing import collate_packed
+from sft_lightning.layout import ConnectRunLayout
 from tests.conftest import ROOT, TINY_QWEN
 
 TRAIN = str(ROOT / "data" / "chatml_data.json")
@@ -55,7 +56,7 @@ def train_gradients(
     path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{lm_head_chunk_tokens}-{sorted(data_args.items())}.pt"
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
-        logger=False, callbacks=[GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,
+        logger=False, callbacks=[ConnectRunLayout(module, data), GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, data)

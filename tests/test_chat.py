@@ -43,6 +43,8 @@ def test_repl_on_a_terminal_edits_lines_keeps_history_and_survives_ctrl_c():
     child.sendintr()  # Ctrl-C while the reply is being written
     child.expect_exact("(reply stopped; not kept in the conversation)")
     child.expect_exact("you> ")
+    child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, still running
+    child.expect_exact("you> ")
     child.send("\x1b[A\x1b[A\r")  # up twice: back past "hello" to "/help"
     child.expect_exact("Ctrl-C stops a reply")
     child.expect_exact("you> ")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
-import sft_lightning.module as module_py
+import sft_lightning.language_model as language_model_py
 from sft_lightning.cli import cli_main
 from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
 from tests.strict_kernels import strict_calls
@@ -31,17 +31,17 @@ class LoadRecorder(L.Callback):
         self.loads = 0
 
     def setup(self, trainer, pl_module, stage) -> None:  # runs before configure_model
-        self.original = vars(module_py.AutoModelForCausalLM)["from_pretrained"]
-        real = module_py.AutoModelForCausalLM.from_pretrained
+        self.original = vars(language_model_py.AutoModelForCausalLM)["from_pretrained"]
+        real = language_model_py.AutoModelForCausalLM.from_pretrained
 
         def counted(*args, **kwargs):
             self.loads += 1
             return real(*args, **kwargs)
 
-        module_py.AutoModelForCausalLM.from_pretrained = counted
+        language_model_py.AutoModelForCausalLM.from_pretrained = counted
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        module_py.AutoModelForCausalLM.from_pretrained = self.original  # nothing stays patched
+        language_model_py.AutoModelForCausalLM.from_pretrained = self.original  # nothing stays patched
 
     def on_fit_start(self, trainer, pl_module) -> None:
         parameters = list(pl_module.model.parameters())

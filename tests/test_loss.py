@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sft_lightning.collate import supervised_positions
 from sft_lightning.loss import TokenMetrics, gather_supervised, micro_batch_loss, token_stats
-from sft_lightning.zero import loss_divisor
+from sft_lightning.layout import framework_divisor
 from tests.helpers import assert_same_gradients, train_gradients
 
 
@@ -27,10 +27,10 @@ def test_token_stats_sum_and_count_supervised_positions_only():
 
 def test_micro_batch_loss_undoes_lightning_ddp_and_deepspeed_averaging():
     # 2 ranks x accumulation 4: Lightning divides by 4, DDP averages over 2; the step must see sum / 100.
-    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), loss_divisor(None, 4, 2))
+    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), framework_divisor(False, 4, 2))
     assert value / 4 / 2 == pytest.approx(10.0 / 100)
     # DeepSpeed's engine.backward divides by the accumulation count once more.
-    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), loss_divisor({"zero_optimization": {}}, 4, 2))
+    value = micro_batch_loss(torch.tensor(10.0), torch.tensor(100), framework_divisor(True, 4, 2))
     assert value / 4 / 4 / 2 == pytest.approx(10.0 / 100)
 
 

@@ -21,6 +21,7 @@ from sft_lightning.preflight import preflight
 from sft_lightning.records import read_records
 from sft_lightning.render import load_tokenizer
 from sft_lightning.tokenized import tokenize_split
+from sft_lightning.layout import RunLayout
 from tests.conftest import ROOT, TINY_QWEN
 from tests.helpers import SHAREGPT
 
@@ -104,9 +105,10 @@ def test_two_ranks_draw_the_same_mixture_and_share_it_without_overlap(sources):
     for rank in (0, 1):
         data = ChatMLDataModule(train_path=[{"path": sources[n], "weight": w} for n, w in WEIGHTS.items()],
                                 tokenizer_path=TINY_QWEN, max_length=256, batch_size=4, cache_dir=None)
-        # What the data module reads of its trainer (a stand-in here; test_resume runs the real one).
-        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, accumulate_grad_batches=2, training=True,
-                                       strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        # The layout of rank `rank` of 2, and what the data module reads of its trainer (a stand-in here; test_resume
+        # runs the real ones).
+        data.trainer = SimpleNamespace(num_devices=2, training=True, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        data.connect_layout(RunLayout(processes=2, rank=rank, data_parallel_size=2, data_parallel_rank=rank, accumulation=2))
         data.setup("fit")
         ranks.append((data, [(epoch_sources_of(data, batch), batch.step_supervised_tokens) for batch in data.train_dataloader()]))
     (first, batches0), (second, batches1) = ranks

@@ -7,6 +7,7 @@ import torch
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.errors import NonFiniteError
 from sft_lightning.module import SFTLitModule
+from sft_lightning.layout import ConnectRunLayout
 from tests.conftest import ROOT, TINY_QWEN
 
 
@@ -37,7 +38,8 @@ def train(poison, patience=5, steps=8):
                             batch_size=16, max_length=64, cache_dir=None)
     weights = WeightsAfterEachStep()
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[weights])
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ConnectRunLayout(module, data), weights])
     trainer.fit(module, data)
     return trainer, weights.weights
 

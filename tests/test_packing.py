@@ -126,11 +126,11 @@ def test_transformers_default_cache_mixes_packed_samples():
 
 
 def test_fit_refuses_to_pack_when_samples_mix(monkeypatch, tmp_path, capsys):
-    import sft_lightning.module as module_py
+    import sft_lightning.attention as attention_py
 
-    real = module_py.cross_sample_influence
+    real = attention_py.cross_sample_influence
     # Simulate a backend that ignores the sample boundaries (as above), at the check in the first packed forward.
-    monkeypatch.setattr(module_py, "cross_sample_influence", lambda model, first, second, attn: real(model, first, second, SDPA_VARLEN))
+    monkeypatch.setattr(attention_py, "cross_sample_influence", lambda model, first, second, attn: real(model, first, second, SDPA_VARLEN))
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exited:
         cli_main(["fit", "--config", "configs/tiny.yaml", "--model.attn_implementation=sdpa", "--data.packing=true",
