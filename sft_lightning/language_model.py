@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
+from transformers.utils.import_utils import get_current_accelerator
 
 from sft_lightning.errors import ModelLoadError, loading
 from sft_lightning.linear_attention import keep_linear_attention_apart
@@ -106,16 +107,22 @@ class TrainingChanges(NamedTuple):
 
 
 def prepare_for_training(model, vocabulary: int, pretrained: bool, gradient_checkpointing: bool,
-                         lm_head_chunk_tokens: Optional[int]) -> TrainingChanges:
+                         activation_offloading: bool, lm_head_chunk_tokens: Optional[int]) -> TrainingChanges:
     """Make a built model ready to train here: the tokenizer's ``vocabulary`` (the ChatML fallback adds
     <|im_start|>/<|im_end|> to a template-less tokenizer; new rows start at the mean embedding, and a model without
-    weights yet, on meta, gets them from its checkpoint), activation checkpointing, linear-attention layers that keep
-    packed samples apart, and the LM head scored in chunks of ``lm_head_chunk_tokens`` positions."""
+    weights yet, on meta, gets them from its checkpoint), activation checkpointing (each checkpointed layer's input in
+    pinned host memory with ``activation_offloading``), linear-attention layers that keep packed samples apart, and the
+    LM head scored in chunks of ``lm_head_chunk_tokens`` positions."""
     added = max(vocabulary - model.get_input_embeddings().num_embeddings, 0)
     if added:
         model.resize_token_embeddings(vocabulary, mean_resizing=pretrained)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Without an accelerator the activations are in host memory already (and transformers 5.24 would ask for
+        # pinned memory, which a CPU-only torch refuses).
+        offload = activation_offloading and get_current_accelerator() is not None
+        if activation_offloading and not offload:
+            rank_zero_info("model.activation_offloading: no accelerator here, the activations stay where they are")
+        model.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
     linear_layers = keep_linear_attention_apart(model)
     if lm_head_chunk_tokens:
         why_not = install_chunked_head(model, lm_head_chunk_tokens)

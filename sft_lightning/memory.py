@@ -85,6 +85,7 @@ class MemoryPlan:
     optimizer_temporary: float = 0.0  # AdamW's step: a float32 square root of the second moments
     accumulated_gradients: float = 0.0  # FSDP2 between reductions: an unsharded float32 gradient
     active: int = 0  # parameters a token goes through (a mixture of experts uses a few of its experts)
+    activations_on_host: float = 0.0  # per GPU, with activation offloading: the saved activations, in host memory
 
     @property
     def state(self) -> float:
@@ -122,6 +123,7 @@ def plan_memory(
     nodes: int = 1,
     lm_head_chunk_tokens: Optional[int] = 512,
     accumulated_gradients: bool = False,
+    activation_offloading: bool = False,
 ) -> MemoryPlan:
     """Bytes per GPU for training a model of ``config`` (a transformers config) this way.
 
@@ -129,7 +131,9 @@ def plan_memory(
     tokens in one micro-batch on one GPU; ``supervised_share``: share of positions whose logits are kept;
     ``nodes``: how many nodes the GPUs are on (for the host RAM of offloading); ``lm_head_chunk_tokens``: positions
     whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position);
-    ``accumulated_gradients``: an unsharded float32 gradient is kept between reductions (FSDP2 accumulating).
+    ``accumulated_gradients``: an unsharded float32 gradient is kept between reductions (FSDP2 accumulating);
+    ``activation_offloading``: the activations saved for the backward (with checkpointing, each layer's input) are in
+    host memory, and the GPU keeps one layer's working set.
     """
     counts = count_parameters(config, as_lora(lora))
     parameters, trainable = counts.total, counts.trainable
@@ -162,11 +166,13 @@ def plan_memory(
     positions = min(positions, lm_head_chunk_tokens) if lm_head_chunk_tokens else positions
     logits = positions * config.vocab_size * (mixed_or_true + 4 + 4)  # logits, their float32 copy, their gradient
     temporary = 0.0 if sharding.offload_optimizer else split(trainable * 4.0, sharding.optimizer)
+    activations = with_checkpointing if checkpointing else without
+    on_host = activations - per_layer if activation_offloading else 0.0
     return MemoryPlan(
-        parameters, trainable, gpus, sharding, weights, gradients, optimizer,
-        with_checkpointing if checkpointing else without, without, with_checkpointing, logits, checkpointing,
-        working_set, host * DEEPSPEED_BUFFER_FACTOR / nodes, temporary, trainable * 4.0 if accumulated_gradients else 0.0,
-        counts.active,
+        parameters, trainable, gpus, sharding, weights, gradients, optimizer, activations - on_host, without,
+        with_checkpointing, logits, checkpointing, working_set,
+        host * DEEPSPEED_BUFFER_FACTOR / nodes + on_host * gpus / nodes, temporary,
+        trainable * 4.0 if accumulated_gradients else 0.0, counts.active, on_host,
     )
 
 
@@ -329,6 +335,7 @@ def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int]
         lm_head_chunk_tokens=model.get("lm_head_chunk_tokens", 512),
         accumulated_gradients=fsdp2 and trainer.get("accumulate_grad_batches", 1) > 1
         and not init_args.get("reduce_every_micro_batch", False),
+        activation_offloading=bool(model.get("activation_offloading")),
     )
     return plan, model["model_name_or_path"], precision
 
@@ -348,6 +355,7 @@ def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: floa
         f"  gathered weights in flight           {gb(plan.working_set)}",
         f"  activations, checkpointing on        {gb(plan.activations_with_checkpointing)}",
         f"  activations, checkpointing off       {gb(plan.activations_without_checkpointing)}",
+        *([f"  activations offloaded to host        {gb(plan.activations_on_host)}"] if plan.activations_on_host else []),
         f"  logits (one chunk of positions)      {gb(plan.logits)}",
         f"  overhead ({OVERHEAD_GB} GB + {OVERHEAD_SHARE:.0%})              {gb(plan.overhead)}",
         f"  total per GPU ({chosen} checkpointing) {gb(plan.total)}",

@@ -14,6 +14,7 @@ from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, quanti
 from sft_lightning.attention import SDPA_VARLEN, check_packing, model_inputs
 from sft_lightning.checkpointing import drop_head_copy, newest_checkpoint, portable_arguments
 from sft_lightning.collate import BatchCounts, PackedBatch, TrainingBatch
+from sft_lightning.errors import ConfigError
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.language_model import DType, build_causal_lm, prepare_for_training
 from sft_lightning.layout import RunLayout, connected
@@ -37,6 +38,7 @@ class SFTLitModule(LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: Optional[str] = SDPA_VARLEN,
         gradient_checkpointing: bool = False,
+        activation_offloading: bool = False,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -63,6 +65,9 @@ class SFTLitModule(LightningModule):
                 through a dense block mask), ``sdpa``, ``eager`` or ``flash_attention_2`` (variable-length kernel
                 for packed rows); None: transformers' default.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
+            activation_offloading: with gradient_checkpointing, keep each decoder layer's input (what the
+                recompute needs) in pinned host memory instead of the GPU, for samples too long otherwise: a copy
+                each way per layer and micro-batch (transformers' ``activation_checkpointing_enable(offload=True)``).
             learning_rate: peak AdamW learning rate.
             weight_decay: AdamW weight decay, not applied to biases and norm weights.
             warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
@@ -86,6 +91,8 @@ class SFTLitModule(LightningModule):
                 needs ``lora``).
         """
         super().__init__()
+        if activation_offloading and not gradient_checkpointing:
+            raise ConfigError("model.activation_offloading moves checkpointed layers' inputs: set model.gradient_checkpointing true")
         self.save_hyperparameters()
         self.model = None
         self.tokenizer = None
@@ -168,7 +175,8 @@ class SFTLitModule(LightningModule):
             quantization_config(h.quantization, as_lora(h.lora)) if pretrained else None,
         )
         self._added_tokens, self._linear_layers = prepare_for_training(
-            model, len(self.tokenizer), pretrained, h.gradient_checkpointing, h.lm_head_chunk_tokens
+            model, len(self.tokenizer), pretrained, h.gradient_checkpointing, h.activation_offloading,
+            h.lm_head_chunk_tokens,
         )
         return model
 
