@@ -1,6 +1,6 @@
 """The device check: one command, a few minutes on one H100/H200 (torch 2.11 or newer), nothing downloaded.
 
-    python benchmarks/gpu_check.py             # all four parts below, on the first GPU
+    python benchmarks/gpu_check.py             # all five parts below, on the first GPU
     python benchmarks/gpu_check.py --steps 4   # shorter (on a CPU: 32-true, the shipped tiny model's architecture)
 
 1. Attention: the backend ``sdpa_varlen`` gets from this torch and GPU (the varlen kernel and which of its arguments
@@ -15,6 +15,9 @@
 4. Linear attention: one Gated DeltaNet layer of Qwen3.5-27B (random weights, bf16 autocast) over a packed row of 16
    samples, 4096 tokens: flash-linear-attention's one call with the boundaries (where installed) against the layer
    run once per sample, max |diff| and forward+backward time of each.
+5. Activation offloading: a 4-layer slice of Qwen2.5-7B (random weights, bf16, activation checkpointing) over one row
+   of 16,384 tokens, forward+backward of its decoder layers with and without ``model.activation_offloading``: peak
+   allocated memory beyond the weights and gradients of each, against the planner's figure for the layer inputs.
 
 Each run writes its TensorBoard logs and the model folder under ``--out`` (default: a temporary folder, removed at
 the end unless ``--keep``); no checkpoint and no export are written. Without CUDA the same path runs on the CPU at
@@ -44,6 +47,7 @@ from throughput import TOKENIZER, write_conversations  # noqa: E402
 
 from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence  # noqa: E402
 from sft_lightning.cli import cli_main  # noqa: E402
+from sft_lightning.language_model import prepare_for_training  # noqa: E402
 from sft_lightning.linear_attention import delta_rule_kernel, packed_gated_delta_net  # noqa: E402
 from sft_lightning.memory import GB, format_plan, model_config, plan_of_config  # noqa: E402
 from sft_lightning.packing import collate_packed, pack_best_fit_decreasing  # noqa: E402
@@ -165,6 +169,34 @@ def linear_attention_check(repeats: int = 3) -> None:
     print(f"  packed row of 16 samples, {total} tokens: max |diff| against the layer per sample "
           f"{(packed - alone).abs().max().item():.3g}; forward+backward {packed_s * 1e3:.1f} ms against "
           f"{alone_s * 1e3:.1f} ms per sample ({alone_s / packed_s:.2f}x)")
+
+
+def offloading_check() -> None:
+    device = torch.device("cuda" if CUDA else "cpu")
+    config = model_config("Qwen/Qwen2.5-7B-Instruct" if CUDA else str(ROOT / "models" / "tiny-qwen2"))
+    config.num_hidden_layers = 4 if CUDA else config.num_hidden_layers
+    tokens, dtype = (16384, torch.bfloat16) if CUDA else (256, torch.float32)
+    print(f"\n[5] activation offloading: {config.num_hidden_layers} layers of {config.hidden_size}, {tokens} tokens")
+    peaks = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        prepare_for_training(model, config.vocab_size, True, True, offload, None)
+        model.train()
+        ids = torch.randint(0, config.vocab_size, (1, tokens), device=device)
+        if CUDA:
+            model.model(input_ids=ids, use_cache=False).last_hidden_state.float().square().mean().backward()  # gradients allocated
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        model.model(input_ids=ids, use_cache=False).last_hidden_state.float().square().mean().backward()
+        peaks.append(torch.cuda.max_memory_allocated() - before if CUDA else float("nan"))
+        del model
+    layer_inputs = config.num_hidden_layers * tokens * config.hidden_size * torch.finfo(dtype).bits / 8
+    print(f"  peak beyond weights and gradients: {peaks[0] / GB:.2f} GB without, {peaks[1] / GB:.2f} GB with "
+          f"offloading (the planner moves the layer inputs, {layer_inputs / GB:.2f} GB)" if CUDA else
+          "  no accelerator: the activations are in host memory already, nothing to offload")
 
 
 def preset_run(preset: str, out: Path, model_dir: Path, data: Path, steps: int) -> dict:
@@ -290,6 +322,7 @@ def main() -> None:
         result = preset_run("qwen2.5-7b.yaml", out / "run-7b", sliced, data, max(args.steps // 2, 2))
         report("[3] qwen2.5-7b.yaml on one device", result, slice_layers, arch_slice)
         linear_attention_check()
+        offloading_check()
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_its_four_parts_and_leaves_nothing(tmp_path):
+def test_gpu_check_runs_its_five_parts_and_leaves_nothing(tmp_path):
     out = tmp_path / "check"
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--steps=2", f"--out={out}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
@@ -23,4 +23,5 @@ def test_gpu_check_runs_its_four_parts_and_leaves_nothing(tmp_path):
     assert re.search(r"sft-lightning / plain: [\d.]+", report)
     diff = re.search(r"\[4\] linear attention.*\n.*max \|diff\| against the layer per sample ([\d.e-]+)", report)
     assert diff and float(diff.group(1)) < 1e-4  # float32 on the CPU
+    assert "[5] activation offloading:" in report and "nothing to offload" in report  # the CPU's answer
     assert not out.exists()  # no checkpoint, no export, and the run folders removed
