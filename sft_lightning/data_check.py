@@ -161,17 +161,19 @@ def foreign_text(messages: list[dict], tools: Optional[list[dict]], trained: lis
                  if len(text) >= SHORTEST_FOREIGN_TEXT and any(text in span for span in trained)), None)
 
 
-def trained_spans(messages: list[dict], tokenizer, tools, settings) -> list[str]:
-    """The trained spans of a conversation's samples as fit renders them, each decoded where it stands."""
+def trained_spans(samples, tokenizer) -> list[str]:
+    """The trained spans of ``samples`` (``training_samples``), each decoded where it stands: a SentencePiece span
+    decoded on its own would lose its leading "▁"."""
     spans = []
-    for sample in training_samples(messages, tokenizer, settings.train_on, settings.max_length, tools,
-                                   settings.system_message, settings.split_special_tokens):
-        labels = [*sample.labels, IGNORE_INDEX]
-        starts = [i for i in range(len(sample.labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
-        for start in starts:
-            end = next(i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX)
-            before = tokenizer.decode(sample.input_ids[:start])
-            spans.append(tokenizer.decode(sample.input_ids[:end])[len(before) :])
+    for sample in samples:
+        start = None
+        for position, label in enumerate([*sample.labels, IGNORE_INDEX]):
+            if label != IGNORE_INDEX and start is None:
+                start = position
+            elif label == IGNORE_INDEX and start is not None:
+                before = tokenizer.decode(sample.input_ids[:start])
+                spans.append(tokenizer.decode(sample.input_ids[:position])[len(before) :])
+                start = None
     return spans
 
 
@@ -182,7 +184,9 @@ def foreign_text_check(records, tokenizer, settings) -> Outcome:
         return Outcome(name, "pass", "data.train_on all trains every token by design")
     for record in records[:FOREIGN_TEXT_RECORDS]:
         try:
-            found = foreign_text(record.messages, record.tools, trained_spans(record.messages, tokenizer, record.tools, settings))
+            samples = training_samples(record.messages, tokenizer, settings.train_on, settings.max_length, record.tools,
+                                       settings.system_message, settings.split_special_tokens)
+            found = foreign_text(record.messages, record.tools, trained_spans(samples, tokenizer))
         except TemplateError:
             continue  # dropped or refused: reported by the other checks
         if found is not None:

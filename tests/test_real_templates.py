@@ -4,8 +4,9 @@ turn is trained on exactly what the template renders after its inference prompt,
 
 import pytest
 
+from sft_lightning.data_check import trained_spans
 from sft_lightning.errors import TemplateError
-from sft_lightning.render import IGNORE_INDEX, training_samples
+from sft_lightning.render import training_samples
 from tests.template_check import CONVERSATIONS, TOOL_CONVERSATIONS, TOOLS, check_conversation, real_template_tokenizer, real_templates
 
 TEMPLATES = real_templates()
@@ -70,18 +71,8 @@ def test_real_template_with_a_sentencepiece_tokenizer_trains_every_turn_as_infer
 
 
 def trained_texts(tokenizer, messages, tools=None) -> list[str]:
-    """Each sample's trained spans, decoded in their context (a SentencePiece span on its own loses its "▁")."""
-    texts = []
-    for sample in training_samples(messages, tokenizer, tools=tools):
-        start = None
-        for position, label in enumerate([*sample.labels, IGNORE_INDEX]):
-            if label != IGNORE_INDEX and start is None:
-                start = position
-            elif label == IGNORE_INDEX and start is not None:
-                before = tokenizer.decode(sample.input_ids[:start])
-                texts.append(tokenizer.decode(sample.input_ids[:position])[len(before) :])
-                start = None
-    return texts
+    """Each sample's trained spans, decoded in their context, as ``data check`` reads them."""
+    return trained_spans(training_samples(messages, tokenizer, tools=tools), tokenizer)
 
 
 def test_mistral_v03_with_a_system_message_and_tools_trains_the_call_and_the_answer_only():
