@@ -67,7 +67,11 @@ class DeepSpeedModel(StrategyModel):
         return at_optimizer_step(self.strategy)
 
     def optimizer(self, groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-        return adamw(groups, lr, betas, self.deepspeed)
+        if not offloads_optimizer(self.deepspeed):
+            return super().optimizer(groups, lr, betas)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # an offloaded optimizer must be DeepSpeed's, in AdamW mode
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
 
     def teardown(self) -> None:
         if self._loading is not None:
@@ -127,15 +131,6 @@ def float32_rotary_buffers(model: torch.nn.Module) -> int:
 
 def logical_numel(parameter: torch.nn.Parameter) -> int:
     return getattr(parameter, "ds_numel", None) or parameter.numel()
-
-
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float], config: Optional[dict[str, Any]]):
-    """torch's AdamW, or DeepSpeed's CPU Adam (in AdamW mode) when DeepSpeed offloads the optimizer."""
-    if offloads_optimizer(config):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def at_optimizer_step(strategy: Strategy) -> bool:

@@ -110,7 +110,7 @@ def test_deepspeed_presets_offload_with_deepspeeds_adam_and_skip_nonfinite_steps
     parser.add_argument("--strategy", type=Strategy)
     config = deepspeed_config(parser.instantiate_classes(parser.parse_object({"strategy": raw})).strategy)
     big = "70b" in preset.name or "72b" in preset.name
-    assert offloads_optimizer(config) == big  # module.adamw then builds DeepSpeedCPUAdam
+    assert offloads_optimizer(config) == big  # DeepSpeedModel.optimizer then builds DeepSpeedCPUAdam
     config["bf16"] = {"enabled": True}  # as Lightning's bf16-mixed formatting sets it
     assert skips_nonfinite_steps(config) == (config["zero_optimization"]["stage"] < 3)
 
