@@ -28,9 +28,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from sft_lightning.collate import PackedBatch, SupervisedPositions, TrainingBatch
+from sft_lightning.collate import PackedBatch, PackedSlice, SupervisedPositions, TrainingBatch
 from sft_lightning.errors import PackingError
 from sft_lightning.packing import collate_packed
+from sft_lightning.sequence_parallel import SEQUENCE_GROUP, ulysses
 from sft_lightning.varlen import run_varlen, varlen_kernel
 
 SDPA_VARLEN = "sdpa_varlen"
@@ -86,8 +87,11 @@ def sliding_window_mask(length: int, window: int, device: torch.device) -> torch
     return ((behind >= 0) & (behind < window))[None, None]
 
 
-def model_inputs(batch: TrainingBatch, attn_implementation: str) -> tuple[dict, SupervisedPositions]:
-    """The model's inputs for a training batch, and the positions the loss scores in the layout they have."""
+def model_inputs(batch: TrainingBatch, attn_implementation: str, sequence_group=None) -> tuple[dict, SupervisedPositions]:
+    """The model's inputs for a training batch, and the positions the loss scores in the layout they have;
+    ``sequence_group``: the process group a :class:`PackedSlice`'s attention exchanges heads with."""
+    if isinstance(batch, PackedSlice):
+        return sliced_model_inputs(batch, sequence_group), batch.supervision
     if isinstance(batch, PackedBatch):
         return packed_model_inputs(batch, attn_implementation)
     has_padding = batch.counts.tokens < batch.counts.slots
@@ -125,6 +129,20 @@ def packed_model_inputs(batch: PackedBatch, attn_implementation: str) -> tuple[d
     bounds, longest = batch.cu_seq_lens, batch.max_seq_len
     inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
     return inputs, batch.supervision_flat
+
+
+def sliced_model_inputs(batch: PackedSlice, sequence_group) -> dict:
+    """A sequence-parallel slice's inputs for ``sdpa_varlen`` (the one attention :mod:`sequence_parallel` wraps): its
+    tokens and positions, the whole micro-batch's boundaries, and the group its attention exchanges with."""
+    if sequence_group is None:
+        raise ValueError("a sequence-parallel slice needs the sequence group its attention exchanges heads with")
+    bounds, longest = batch.cu_seq_lens, batch.max_seq_len
+    return {
+        "input_ids": batch.input_ids, "position_ids": batch.position_ids,
+        "attention_mask": marked_mask(torch.ones_like(batch.input_ids, dtype=torch.bool), has_padding=False),
+        "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+        SEQUENCE_GROUP: sequence_group,
+    }
 
 
 def cross_sample_influence(model, first: torch.Tensor, second: torch.Tensor, attn_implementation: str) -> torch.Tensor:
@@ -180,5 +198,6 @@ def sdpa_varlen_mask(*args, attention_mask=None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
-AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
+# Sequence-parallel when the inputs carry a sequence group (sliced_model_inputs), plain sdpa_varlen otherwise.
+AttentionInterface.register(SDPA_VARLEN, ulysses(sdpa_varlen_forward))
 ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_varlen_mask)

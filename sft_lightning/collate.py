@@ -120,7 +120,27 @@ class PackedBatch(_Batch):
     step_supervised_tokens: Optional[int] = None
 
 
-TrainingBatch = Union[PaddedBatch, PackedBatch]
+@dataclass
+class PackedSlice(_Batch):
+    """One rank's ``1/N`` of a packed micro-batch whose rows are laid end to end, for sequence parallelism.
+
+    ``input_ids``, ``position_ids`` and ``real_tokens`` are this rank's tokens, shaped ``(1, length)``; ``cu_seq_lens``
+    and ``max_seq_len`` are the whole micro-batch's (attention sees every token after the all-to-all);
+    ``supervision`` counts positions from the slice's start; ``counts`` are this rank's share, so that sums over the
+    ranks are the micro-batch's.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seq_lens: torch.Tensor
+    max_seq_len: int
+    supervision: SupervisedPositions
+    counts: BatchCounts
+    real_tokens: torch.Tensor
+    step_supervised_tokens: Optional[int] = None
+
+
+TrainingBatch = Union[PaddedBatch, PackedBatch, PackedSlice]
 
 
 @dataclass

@@ -10,12 +10,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
-from sft_lightning.errors import DataError
+from sft_lightning.collate import PackedBatch
+from sft_lightning.errors import ConfigError, DataError
 from sft_lightning.formats import Format
 from sft_lightning.layout import RunLayout, connected
 from sft_lightning.loaders import MicroBatchDataset, PromptDataset, ResumableLoader, collate_prompt_batch
 from sft_lightning.mixture import Mixture
-from sft_lightning.packing import pack_best_fit_decreasing
+from sft_lightning.packing import pack_best_fit_decreasing, slice_packed
 from sft_lightning.records import OnInvalid, Record
 from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
 from sft_lightning.sampling import Batching, StepPlan, StepPlanSampler, padding_fraction
@@ -119,6 +120,9 @@ class ChatMLDataModule(LightningDataModule):
 
     def connect_layout(self, layout: RunLayout) -> None:
         """Plan the micro-batches for ``layout`` (:class:`~sft_lightning.layout.ConnectRunLayout` calls this)."""
+        if layout.sequence_parallel_size > 1 and not self.hparams.packing:
+            raise ConfigError(f"sequence_parallel_size {layout.sequence_parallel_size} splits packed rows along their "
+                              "length: set data.packing true")
         self._layout = layout
 
     @property
@@ -252,6 +256,10 @@ class ChatMLDataModule(LightningDataModule):
         # Called once for every micro-batch as training takes it (and for evaluation batches, not counted).
         if self.trainer.training and self._train_loader is not None:
             self._train_loader.count_trained()
+        layout = self.layout
+        if isinstance(batch, PackedBatch) and layout.sequence_parallel_size > 1:
+            # Every rank of a sequence group has the whole micro-batch here, on the host; it keeps its own slice.
+            return slice_packed(batch, layout.sequence_parallel_rank, layout.sequence_parallel_size)
         return batch
 
     def _loader(self, name: str, training: bool) -> ResumableLoader | DataLoader:

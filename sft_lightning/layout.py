@@ -3,8 +3,9 @@
 Built once from the trainer's strategy (:meth:`RunLayout.of`), when its processes exist, and handed to the data module
 and the model by :class:`ConnectRunLayout`: the one place either learns the ranks, the sizes and the divisor, so that
 the data's plan (which micro-batches each rank takes, how many make a step) and the model's loss scaling cannot
-disagree. Sequence parallelism will make the data-parallel size differ from the number of processes; until then they
-are equal.
+disagree. Under sequence parallelism (``FSDP2Strategy(sequence_parallel_size=N)``) the ``N`` consecutive ranks of a
+sequence group take the same micro-batches and split each along its length, so the data-parallel size is the number
+of processes divided by ``N``; the gradients are still averaged over every process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from sft_lightning.errors import ConfigError
 from sft_lightning.zero import deepspeed_config
@@ -26,6 +28,8 @@ class RunLayout:
     rank: int = 0  # this process among them
     data_parallel_size: int = 1  # the ranks that take different micro-batches
     data_parallel_rank: int = 0
+    sequence_parallel_size: int = 1  # the ranks that split each micro-batch along its length (a sequence group)
+    sequence_parallel_rank: int = 0  # this rank's slice within its group
     accumulation: int = 1  # micro-batches per optimizer step
     loss_divisor: int = 1  # what the framework divides a micro-batch's loss (or its gradients) by on the way to the step
 
@@ -36,22 +40,29 @@ class RunLayout:
     @classmethod
     def of(cls, trainer) -> "RunLayout":
         """The layout of ``trainer``'s run, read from its strategy once its processes are set up."""
-        processes, accumulation = trainer.world_size, trainer.accumulate_grad_batches
+        from sft_lightning.sharding import FSDP2Strategy  # sharding.py builds on strategy_model, which this precedes
+
+        processes, rank, accumulation = trainer.world_size, trainer.global_rank, trainer.accumulate_grad_batches
+        sequence = trainer.strategy.sequence_parallel_size if isinstance(trainer.strategy, FSDP2Strategy) else 1
         return cls(
             processes=processes,
-            rank=trainer.global_rank,
-            data_parallel_size=processes,
-            data_parallel_rank=trainer.global_rank,
+            rank=rank,
+            # Sequence groups are consecutive ranks (FSDP2Strategy's mesh): on one node where they fit, for the all-to-all.
+            data_parallel_size=processes // sequence,
+            data_parallel_rank=rank // sequence,
+            sequence_parallel_size=sequence,
+            sequence_parallel_rank=rank % sequence,
             accumulation=accumulation,
             loss_divisor=framework_divisor(deepspeed_config(trainer.strategy) is not None, accumulation, processes),
         )
 
 
-def framework_divisor(deepspeed: bool, accumulation: int, data_parallel_size: int) -> int:
+def framework_divisor(deepspeed: bool, accumulation: int, processes: int) -> int:
     """What the framework divides a micro-batch's loss by before its gradient reaches the optimizer: Lightning the
-    accumulation count, DDP/FSDP/DeepSpeed the data-parallel ranks (gradient averaging), and DeepSpeed's
-    ``engine.backward`` the accumulation count once more."""
-    return accumulation * (accumulation if deepspeed else 1) * data_parallel_size
+    accumulation count, DDP/FSDP/DeepSpeed the processes the gradients are averaged over (every one, the ranks of a
+    sequence group included: theirs hold different tokens' gradients), and DeepSpeed's ``engine.backward`` the
+    accumulation count once more."""
+    return accumulation * (accumulation if deepspeed else 1) * processes
 
 
 def connected(layout: Optional[RunLayout], attached: bool, part: str) -> RunLayout:
@@ -79,5 +90,8 @@ class ConnectRunLayout(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         layout = RunLayout.of(trainer)
+        if layout.sequence_parallel_size > 1:
+            rank_zero_info(f"run layout: {layout.processes} processes = {layout.data_parallel_size} data-parallel x "
+                           f"{layout.sequence_parallel_size} sequence-parallel")
         for part in self.parts:
             part.connect_layout(layout)

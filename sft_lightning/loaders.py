@@ -89,20 +89,28 @@ class ResumableLoader(DataLoader):
     then knows a mid-epoch resume is exact. Trained micro-batches are counted by :meth:`count_trained` as training
     takes each one, not as the loader yields them: Lightning fetches one batch ahead. Built like any DataLoader
     (so Lightning can rebuild it), over a :class:`StepPlanSampler`.
+
+    The data's epoch is counted here, from what training took, not taken from Lightning's ``set_epoch``: an iterator
+    continues the epoch where training stopped, and begins the next one once every micro-batch of it was trained.
+    Lightning 2.6.6, resumed from a checkpoint written at the end of an epoch (validation there saves one), numbers
+    every later epoch one higher than the run that wrote it: following it would skip an epoch's order of the data.
     """
 
     sampler: StepPlanSampler
-    trained = 0  # micro-batches of the sampler's current epoch handed to training
+    epoch = 0  # the data's epoch
+    trained = 0  # micro-batches of it handed to training
 
     def __iter__(self):
-        self.trained = self.sampler.skipped
+        if self.trained >= len(self.sampler):
+            self.epoch, self.trained = self.epoch + 1, 0
+        self.sampler.start_at(self.epoch, self.trained)
         return super().__iter__()
 
     def count_trained(self) -> None:
         self.trained += 1
 
     def state_dict(self) -> dict[str, Any]:
-        epoch, done = self.sampler.epoch, self.trained
+        epoch, done = self.epoch, self.trained
         return {"epoch": epoch, "micro_batches_done": done, "rng": rng_states(),
                 "trained": self.sampler.plan.trained_digest(epoch, done)}
 
@@ -116,7 +124,7 @@ class ResumableLoader(DataLoader):
                 "resuming there would replay or skip samples; resume with the checkpoint's settings, or start a new "
                 "run from the exported hf_model/"
             )
-        self.sampler.resume(epoch, done)
+        self.epoch, self.trained = epoch, done
         set_rng_states(state_dict["rng"])
 
 

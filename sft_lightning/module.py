@@ -13,7 +13,7 @@ from transformers import get_scheduler
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, quantization_config
 from sft_lightning.attention import SDPA_VARLEN, check_packing, model_inputs
 from sft_lightning.checkpointing import drop_head_copy, newest_checkpoint, portable_arguments
-from sft_lightning.collate import BatchCounts, PackedBatch, TrainingBatch
+from sft_lightning.collate import BatchCounts, PackedBatch, PackedSlice, TrainingBatch
 from sft_lightning.errors import ConfigError
 from sft_lightning.generation import GenerationSettings, generate_replies
 from sft_lightning.language_model import DType, build_causal_lm, prepare_for_training
@@ -189,11 +189,11 @@ class SFTLitModule(LightningModule):
         """NLL sum, supervised-token count and correct predictions of a training batch (the loss and metrics'
         one source, in training, validation and test)."""
         self._strategy.before_forward(self.model)
-        if isinstance(batch, PackedBatch) and self.hparams.packing_check and not self._packing_checked:
+        if isinstance(batch, (PackedBatch, PackedSlice)) and self.hparams.packing_check and not self._packing_checked:
             # Once per run, in the first packed forward on every rank.
             self._packing_checked = True
             check_packing(self.model, batch.input_ids, lambda t: self.all_gather(t).max(), self._linear_layers > 0)
-        inputs, positions = model_inputs(batch, self.model.config._attn_implementation)
+        inputs, positions = model_inputs(batch, self.model.config._attn_implementation, self._strategy.sequence_group)
         if self._keeps_logits:
             inputs["logits_to_keep"] = positions.keep
         balancing = self._moe is not None and self.training
@@ -213,8 +213,8 @@ class SFTLitModule(LightningModule):
         if not balancing:
             return stats
         trainer = self._attached_trainer
-        several = self.layout.data_parallel_size > 1
-        reduce_sum = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if several else (lambda t: t)
+        # Every rank holds different tokens (data- and sequence-parallel alike): the counts sum over all of them.
+        reduce_sum = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if self.layout.distributed else (lambda t: t)
         return stats._replace(router=router_balance(output.router_logits, batch.real_tokens, self._moe, reduce_sum))
 
     def training_step(self, batch, batch_idx):

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from sft_lightning.collate import PackedBatch, batch_counts, supervised_positions
+from sft_lightning.collate import BatchCounts, PackedBatch, PackedSlice, batch_counts, supervised_positions
 from sft_lightning.render import IGNORE_INDEX
 
 
@@ -83,3 +83,45 @@ def collate_packed(
         counts=batch_counts(sample_lengths, len(rows_supervision.targets), input_ids.numel()),
         real_tokens=real_tokens, step_supervised_tokens=step_supervised_tokens,
     )
+
+
+def slice_packed(batch: PackedBatch, rank: int, size: int) -> PackedSlice:
+    """Rank ``rank``'s slice of ``batch`` among ``size`` ranks: its rows end to end, padded at the end to a multiple
+    of ``size`` with one more pseudo-sample (id 0, ignored labels, attended by nothing else), cut into ``size`` equal
+    parts. Host work on host tensors."""
+    ids, positions, labels, real = (t.reshape(-1) for t in (batch.input_ids, batch.position_ids, batch.labels,
+                                                           batch.real_tokens))
+    total = len(ids)
+    padded = -(-total // size) * size
+    bounds, longest = batch.cu_seq_lens, batch.max_seq_len
+    if padded > total:
+        extra = padded - total
+        ids = torch.cat([ids, torch.zeros(extra, dtype=ids.dtype)])
+        positions = torch.cat([positions, torch.arange(extra, dtype=positions.dtype)])
+        labels = torch.cat([labels, torch.full((extra,), IGNORE_INDEX, dtype=labels.dtype)])
+        real = torch.cat([real, torch.zeros(extra, dtype=torch.bool)])
+        bounds = torch.cat([bounds, torch.tensor([padded], dtype=bounds.dtype)])
+        longest = max(longest, extra)
+    length = padded // size
+    start, end = rank * length, (rank + 1) * length
+    # The slice's labels and the one after it: its last position predicts the next slice's first token.
+    window = torch.cat([labels[start : end + 1], torch.full((1,), IGNORE_INDEX, dtype=labels.dtype)])[: length + 1]
+    supervision = supervised_positions(window.reshape(1, -1))
+    mine = real[start:end]
+    counts = BatchCounts(
+        samples=int(((positions[start:end] == 0) & mine).sum()),  # the samples that start here
+        tokens=int(mine.sum()),
+        supervised=len(supervision.targets),
+        slots=length,
+        # Each rank runs the attention of 1/size of the heads over every sample.
+        squared_lengths=share(batch.counts.squared_lengths, rank, size),
+    )
+    return PackedSlice(
+        ids[start:end].reshape(1, -1), positions[start:end].reshape(1, -1), bounds, longest, supervision, counts,
+        mine.reshape(1, -1), batch.step_supervised_tokens,
+    )
+
+
+def share(total: int, rank: int, size: int) -> int:
+    """Rank ``rank``'s part of ``total`` split as evenly as whole numbers allow (the parts sum to ``total``)."""
+    return total // size + (rank < total % size)

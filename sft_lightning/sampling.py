@@ -124,33 +124,26 @@ class StepPlanSampler(DistributedSampler):
     """Yields this rank's :class:`MicroBatch` items; use with ``DataLoader(batch_size=None)``.
 
     It subclasses ``DistributedSampler`` because it already shards across ranks (without the padding by
-    duplication that ``DistributedSampler`` does), and Lightning leaves such samplers in place. Lightning calls
-    ``set_epoch`` on it, which reshuffles.
+    duplication that ``DistributedSampler`` does), and Lightning leaves such samplers in place. ``set_epoch``
+    reshuffles; a training loader sets its own position instead (:meth:`start_at`).
     """
 
     def __init__(self, plan: StepPlan) -> None:
         super().__init__(plan.supervised_tokens, plan.num_replicas, plan.rank, plan.shuffle, plan.seed)
         self.plan = plan
-        self.resume_at: Optional[tuple[int, int]] = None
+        self.skip = 0  # micro-batches of the epoch the next iterator leaves out
 
-    def resume(self, epoch: int, micro_batches_done: int) -> None:
-        """Continue ``epoch`` after its first ``micro_batches_done`` micro-batches (they were trained before a
-        checkpoint). Lightning draws the first iterator before it calls set_epoch, so the epoch is set here."""
-        self.resume_at = (epoch, micro_batches_done)
-        self.epoch = epoch
-
-    @property
-    def skipped(self) -> int:
-        """Micro-batches of the current epoch that its iterator leaves out (trained before a resume)."""
-        return self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
+    def start_at(self, epoch: int, micro_batches_done: int) -> None:
+        """The next iterator yields ``epoch`` after its first ``micro_batches_done`` micro-batches (a training
+        loader's position, :class:`~sft_lightning.loaders.ResumableLoader`, set before each iterator it draws)."""
+        self.epoch, self.skip = epoch, micro_batches_done
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        if self.resume_at is not None and epoch != self.resume_at[0]:
-            self.resume_at = None
+        self.skip = 0
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        return iter(self.plan.epoch(self.epoch)[self.skipped :])
+        return iter(self.plan.epoch(self.epoch)[self.skip :])
 
     def __len__(self) -> int:
         return len(self.plan)

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
@@ -34,6 +35,7 @@ from sft_lightning.checkpointing import save_beside
 from sft_lightning.errors import ConfigError
 from sft_lightning.memory import decoder_layer_names
 from sft_lightning.language_model import init_buffers
+from sft_lightning.sequence_parallel import check_sequence_parallel
 from sft_lightning.strategy_model import CausalLM, StrategyModel
 
 # Lightning precision -> the dtype FSDP2 gathers parameters in for compute (None: as stored).
@@ -47,6 +49,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         reduce_every_micro_batch: bool = False,
         save_distributed_checkpoint: bool = True,
+        sequence_parallel_size: int = 1,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
     ) -> None:
@@ -66,6 +69,12 @@ class FSDP2Strategy(ModelParallelStrategy):
                 accumulation, the memory of no accumulation: for models whose full float32 gradient does not fit).
             save_distributed_checkpoint: checkpoints as folders of per-rank shards (``sft-lightning export``
                 consolidates them); False gathers a full checkpoint file on rank 0.
+            sequence_parallel_size: split every packed micro-batch along its length over this many consecutive ranks
+                (Ulysses: attention exchanges heads for tokens with an all-to-all), so a sample's activations are
+                spread over them: for samples too long for one GPU. The ranks of a group take the same micro-batches
+                (the data-parallel size is the number of GPUs divided by it); it must divide the GPUs and the model's
+                attention and key/value heads, and needs ``data.packing`` and ``model.attn_implementation sdpa_varlen``.
+                ``sft-lightning estimate`` says which size fits.
             process_group_backend: ``nccl`` on GPUs and ``gloo`` on CPUs by default.
             timeout: how long a collective waits for the other ranks.
         """
@@ -77,13 +86,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.reduce_every_micro_batch = reduce_every_micro_batch
         self.save_distributed_checkpoint = save_distributed_checkpoint
+        if sequence_parallel_size < 1:
+            raise ConfigError(f"FSDP2Strategy.sequence_parallel_size must be 1 or more, not {sequence_parallel_size}")
+        self.sequence_parallel_size = sequence_parallel_size
+        self.sequence_group: Optional[dist.ProcessGroup] = None  # this rank's sequence group, once the processes exist
         self._sharded_root: Optional[FSDPModule] = None  # the model shard() made, the root of its FSDP units
 
     def setup_environment(self) -> None:
         # Lightning 2.6.6 reads the mesh's data-parallel size from this private attribute, where "auto" means the
         # number of nodes (tensor parallelism inside a node). FSDP alone shards over every rank.
-        self._data_parallel_size = self.num_nodes * self.num_processes
+        processes = self.num_nodes * self.num_processes
+        self._data_parallel_size = processes
+        size = self.sequence_parallel_size
+        if processes % size:
+            raise ConfigError(f"FSDP2Strategy.sequence_parallel_size {size} must divide the {processes} processes "
+                              "(trainer.devices x trainer.num_nodes)")
         super().setup_environment()
+        if size > 1:
+            # Groups of consecutive ranks (mesh rows); the weights stay sharded over every rank.
+            mesh = init_device_mesh(self.root_device.type, (processes // size, size),
+                                    mesh_dim_names=("data_parallel", "sequence"))
+            self.sequence_group = mesh["sequence"].get_group()
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
@@ -175,8 +198,14 @@ class FSDP2Model(StrategyModel):
 
     def __init__(self, strategy: FSDP2Strategy) -> None:
         self.strategy = strategy
+        self.sequence_group = strategy.sequence_group
 
     def build(self, causal_lm: CausalLM, pretrained: bool, materialize: bool = True) -> torch.nn.Module:
+        size = self.strategy.sequence_parallel_size
+        if size > 1:
+            with torch.device("meta"):  # the architecture alone, checked before any weight is read
+                empty = causal_lm(False)
+            check_sequence_parallel(empty.config, size, empty.config._attn_implementation)
         return self.strategy.load_pretrained(
             partial(causal_lm, False), partial(causal_lm, True) if pretrained else None, init_buffers
         )

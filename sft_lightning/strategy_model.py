@@ -26,6 +26,7 @@ class StrategyModel:
 
     sharded = False  # the weights are split over the ranks: generation runs on every rank together
     deepspeed: Optional[dict[str, Any]] = None  # the DeepSpeed config, under DeepSpeed
+    sequence_group = None  # the process group a micro-batch's slices exchange attention heads in (sequence parallelism)
     _prepared = False
 
     def build(self, causal_lm: CausalLM, pretrained: bool, materialize: bool = True) -> nn.Module:

@@ -2,6 +2,9 @@ from collections import Counter
 
 import pytest
 
+from torch.utils.data import Dataset
+
+from sft_lightning.loaders import ResumableLoader
 from sft_lightning.sampling import StepPlan, StepPlanSampler
 
 TOKENS = (3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5)  # 11 samples: steps end with partial batches
@@ -43,6 +46,56 @@ def test_sampler_len_and_epoch_reshuffle():
     first = [m.indices for m in sampler]
     sampler.set_epoch(1)
     assert [m.indices for m in sampler] != first
+
+
+
+
+class Indices(Dataset):
+    def __getitem__(self, micro):
+        return list(micro.indices)
+
+
+def trained_loader(plan: StepPlan) -> ResumableLoader:
+    return ResumableLoader(Indices(), sampler=StepPlanSampler(plan), batch_size=None)
+
+
+def take(loader: ResumableLoader, count=None) -> list:
+    taken = []
+    for indices in loader:
+        if len(taken) == count:
+            break
+        loader.count_trained()  # as training takes each micro-batch
+        taken.append(indices)
+    return taken
+
+
+@pytest.mark.parametrize("done", [1, 3])
+def test_a_resumed_loader_continues_where_training_stopped_whatever_lightning_numbers_the_epoch(done):
+    plan = StepPlan(TOKENS, batch_size=4, shuffle=True, seed=0)
+    epochs = [[list(m.indices) for m in plan.epoch(e)] for e in range(3)]
+    # Uninterrupted, as Lightning drives it: set_epoch, then a new iterator, each epoch.
+    loader = trained_loader(plan)
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        assert take(loader) == epochs[epoch]
+    # Killed after `done` micro-batches of epoch 0 (3: all of it, where validation at the epoch's end saves a checkpoint).
+    first = trained_loader(plan)
+    take(first, done)
+    state = first.state_dict()
+    resumed = trained_loader(plan)
+    resumed.load_state_dict(state)
+    if done == 3:
+        # Lightning 2.6.6 draws an iterator, calls set_epoch(1) for the epoch it finishes without a batch, and then
+        # numbers the next epoch 2: the data is still epoch 1, whole (before: epoch 1 was skipped).
+        iter(resumed)
+        resumed.sampler.set_epoch(1)
+        resumed.sampler.set_epoch(2)
+        assert take(resumed) == epochs[1]
+    else:
+        resumed.sampler.set_epoch(0)
+        assert take(resumed) == epochs[0][done:]
+    resumed.sampler.set_epoch(7)
+    assert take(resumed) == epochs[2 if done == 3 else 1]
 
 
 LENGTHS = tuple((i * 53) % 97 + 3 for i in range(200))
