@@ -19,6 +19,14 @@
    of 16,384 tokens, forward+backward of its decoder layers with and without ``model.activation_offloading``: peak
    allocated memory beyond the weights and gradients of each, against the planner's figure for the layer inputs.
 
+With ``--sequence_parallel N`` it runs one part instead, on N GPUs (``N`` processes; on a CPU, ``N`` gloo processes):
+
+6. Long context: the llama3.1-8b-128k preset (FSDP2, ``sequence_parallel_size N``, activation checkpointing) on a
+   4-layer slice of Llama-3.1-8B with random weights, at rows of 32k, 64k and 128k tokens of long conversations:
+   tokens/s per GPU, peak allocated and reserved memory, against the planner's total per GPU for that slice.
+
+    python benchmarks/gpu_check.py --sequence_parallel 8   # on one node of 8 GPUs
+
 Each run writes its TensorBoard logs and the model folder under ``--out`` (default: a temporary folder, removed at
 the end unless ``--keep``); no checkpoint and no export are written. Without CUDA the same path runs on the CPU at
 ``32-true`` with the shipped tiny model's architecture, which is how it is tested.
@@ -28,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +53,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import TOKENIZER, write_conversations  # noqa: E402
+from throughput import TOKENIZER, WORDS, write_conversations  # noqa: E402
 
 from sft_lightning.attention import SDPA_VARLEN, cross_sample_influence  # noqa: E402
 from sft_lightning.cli import cli_main  # noqa: E402
@@ -291,15 +301,78 @@ def plain_loop(model_dir: Path, data: Path, batch_size: int, max_length: int, st
     return tokens / max(timed, 1e-9)
 
 
+def write_long_conversations(path: Path, conversations: int, words: int, seed: int) -> Path:
+    """Multi-turn conversations of about ``words`` words each (turns of 200-2,000 words), as JSONL."""
+    rng = random.Random(seed)
+    with open(path, "w") as out:
+        for _ in range(conversations):
+            messages, left = [], words
+            while left > 0:
+                turn = min(rng.randint(100, 1000), left)
+                messages += [{"role": "user", "content": " ".join(rng.choices(WORDS, k=turn))},
+                             {"role": "assistant", "content": " ".join(rng.choices(WORDS, k=turn))}]
+                left -= 2 * turn
+            out.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def sequence_parallel_check(size: int, out: Path, steps: int) -> None:
+    """Part 6: the long-context preset on ``size`` devices with sequence parallelism at growing row lengths."""
+    arch = "meta-llama/Llama-3.1-8B-Instruct" if CUDA else str(ROOT / "models" / "tiny-llama3.1")
+    layers = 4 if CUDA else model_config(arch).num_hidden_layers
+    lengths = (32768, 65536, 131072) if CUDA else (1024,)
+    model_dir = write_model(out / "llama3.1-8b-slice", arch, layers)
+    print(f"\n[6] long context: llama3.1-8b-128k.yaml, {arch} ({layers} layers), {size} devices x sequence parallel "
+          f"{size}, {steps} steps per length")
+    for length in lengths:
+        data = write_long_conversations(out / f"long-{length}.jsonl", 4 * steps + 4, length // 3, seed=length)
+        raw = yaml.safe_load((ROOT / "configs" / "llama3.1-8b-128k.yaml").read_text())
+        raw["trainer"].update(devices=size, num_nodes=1, max_steps=steps, max_epochs=-1, log_every_n_steps=1,
+                              enable_progress_bar=False, val_check_interval=None, accumulate_grad_batches=1,
+                              default_root_dir=str(out / f"run-{length}"), accelerator="gpu" if CUDA else "cpu")
+        raw["trainer"]["strategy"]["init_args"]["sequence_parallel_size"] = size
+        if not CUDA:
+            raw["trainer"]["precision"] = "32-true"
+        raw["model"].update(model_name_or_path=str(model_dir), learning_rate=1e-5)
+        raw["data"].update(train_path=str(data), val_path=None, max_length=length, cache_dir=str(out / "cache"))
+        raw["checkpoint"] = {"save_top_k": 0, "save_last": False, "every_n_train_steps": 0}
+        config = out / f"long-{length}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        # A process per device: Lightning launches the other ranks by running this command line again.
+        run = subprocess.run([sys.executable, "-m", "sft_lightning.cli", "fit", "--config", str(config)], cwd=ROOT,
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"  {length} tokens: failed: {(run.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        events = EventAccumulator(str(out / f"run-{length}" / "lightning_logs" / "version_0"))
+        events.Reload()
+        last = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+        plan = plan_of_config(str(config))[0]
+        # tokens/s is over every rank of the run; a sequence group shares each row, so per device is / size.
+        print(f"  {length:6d} tokens: {last.get('throughput/tokens_per_s', float('nan')) / size:.4g} tokens/s per device, "
+              f"peak {last.get('memory/peak_gb', float('nan')):.2f} GB allocated, "
+              f"{last.get('memory/peak_reserved_gb', float('nan')):.2f} GB reserved; planned {plan.total / GB:.1f} GB "
+              f"per GPU; loss {last.get('train_loss', float('nan')):.4g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each preset run")
     parser.add_argument("--slice_layers", type=int, default=4, help="decoder layers of the Qwen2.5-7B slice")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep --out's folder (models and logs; never checkpoints)")
+    parser.add_argument("--sequence_parallel", type=int, default=0,
+                        help="run part 6 alone: the long-context preset on this many devices with sequence parallelism")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check-"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.sequence_parallel:
+        try:
+            sequence_parallel_check(args.sequence_parallel, out, max(args.steps // 4, 2))
+        finally:
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+        return
     # The CPU (the smoke test) has no room for these widths and 152k-token embeddings: the shipped tiny Qwen2 there.
     tiny = str(ROOT / "models" / "tiny-qwen2")
     arch_small, arch_slice = ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-7B-Instruct") if CUDA else (tiny, tiny)

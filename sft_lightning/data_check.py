@@ -8,7 +8,9 @@ is exceeded, so it can gate a training job.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
 import numpy as np
@@ -17,8 +19,9 @@ from rich.table import Table
 from rich.text import Text
 from transformers import GenerationConfig
 
-from sft_lightning.errors import CheckFailed, DataError, TemplateError
+from sft_lightning.errors import CheckFailed, ConfigError, DataError, TemplateError
 from sft_lightning.lightning_cli import SFTLightningCLI
+from sft_lightning.memory import GB, fitting_sequence_parallel, plan_of_config
 from sft_lightning.mixture import SampleSet, SourceSamples
 from sft_lightning.records import read_records
 from sft_lightning.render import IGNORE_INDEX, end_of_turn_token_id, training_samples
@@ -82,6 +85,9 @@ def check(
         found += thresholds(source, max_truncated_fraction, max_dropped_fraction)
         outcomes += [o._replace(name=f"source {number}: {o.name}") for o in found] if several else found
     outcomes.append(generation_check(model_path, eot))
+    effective = cli.parser.parse_args(["--config", config, *overrides])
+    if effective.trainer.accelerator != "cpu":  # a GPU config: does a row of max_length fit its GPUs?
+        outcomes.append(memory_check(cli.parser.dump(effective, skip_check=True)))
     if several:
         console.print(mixture.summary(split))
         console.print(f"{split} batching: {data.batching(split)}")
@@ -217,6 +223,25 @@ def _every_turn_ends_trained(ids: np.ndarray, labels: np.ndarray, eot: int, max_
     ends = trained[np.append(np.diff(trained) > 1, True)] if len(trained) else trained
     cut_off = len(ids) >= max_length  # the last span may run into the truncation
     return all(ids[end] == eot or (cut_off and end == len(ids) - 1) for end in ends)
+
+
+def memory_check(effective_config: str, gpu_memory_gb: float = 80.0) -> Outcome:
+    """Whether a row of ``data.max_length`` tokens fits the config's own GPUs (``sft-lightning estimate``'s plan of
+    the config as given, options included), and if not, which sequence-parallel size would make it fit."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.yaml"
+        path.write_text(effective_config)
+        try:
+            plan, _, _ = plan_of_config(str(path))
+        except ConfigError as err:
+            return Outcome("memory per GPU at max_length", "warn", f"not planned: {err}")
+        advice = fitting_sequence_parallel(str(path), plan, None, None, gpu_memory_gb).strip()
+    size = f" x sequence parallel {plan.sequence_parallel}" if plan.sequence_parallel > 1 else ""
+    detail = f"{plan.total / GB:.1f} GB planned per GPU on {plan.gpus} GPU{'s' * (plan.gpus > 1)}{size} ({plan.sharding.name})"
+    if plan.total <= gpu_memory_gb * GB:
+        return Outcome("memory per GPU at max_length", "pass", f"{detail}: fits {gpu_memory_gb:g} GB")
+    return Outcome("memory per GPU at max_length", "warn",
+                   f"{detail}: more than {gpu_memory_gb:g} GB; {advice or 'shorten data.max_length or add GPUs'}")
 
 
 def thresholds(tokenized: SourceSamples, max_truncated: float, max_dropped: float) -> list[Outcome]:

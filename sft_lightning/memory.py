@@ -38,6 +38,7 @@ from sft_lightning.adapters import as_lora
 from sft_lightning.errors import ConfigError
 from sft_lightning.language_model import language_model_config
 from sft_lightning.moe import moe_of
+from sft_lightning.sequence_parallel import divisors
 
 GB = 2**30
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -85,6 +86,7 @@ class MemoryPlan:
     optimizer_temporary: float = 0.0  # AdamW's step: a float32 square root of the second moments
     accumulated_gradients: float = 0.0  # FSDP2 between reductions: an unsharded float32 gradient
     active: int = 0  # parameters a token goes through (a mixture of experts uses a few of its experts)
+    sequence_parallel: int = 1  # GPUs that split each micro-batch along its length
     activations_on_host: float = 0.0  # per GPU, with activation offloading: the saved activations, in host memory
 
     @property
@@ -124,6 +126,7 @@ def plan_memory(
     lm_head_chunk_tokens: Optional[int] = 512,
     accumulated_gradients: bool = False,
     activation_offloading: bool = False,
+    sequence_parallel: int = 1,
 ) -> MemoryPlan:
     """Bytes per GPU for training a model of ``config`` (a transformers config) this way.
 
@@ -133,7 +136,8 @@ def plan_memory(
     whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position);
     ``accumulated_gradients``: an unsharded float32 gradient is kept between reductions (FSDP2 accumulating);
     ``activation_offloading``: the activations saved for the backward (with checkpointing, each layer's input) are in
-    host memory, and the GPU keeps one layer's working set.
+    host memory, and the GPU keeps one layer's working set; ``sequence_parallel``: the GPUs that split each micro-batch
+    along its length (each holds the activations of ``tokens_per_gpu / sequence_parallel`` tokens).
     """
     counts = count_parameters(config, as_lora(lora))
     parameters, trainable = counts.total, counts.trainable
@@ -159,10 +163,11 @@ def plan_memory(
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    per_layer = tokens_per_gpu * (10 * hidden + 5 * config.intermediate_size + 4 * kv) * mixed_or_true
+    tokens = tokens_per_gpu / sequence_parallel
+    per_layer = tokens * (10 * hidden + 5 * config.intermediate_size + 4 * kv) * mixed_or_true
     without = per_layer * layers
-    with_checkpointing = tokens_per_gpu * hidden * layers * mixed_or_true + per_layer
-    positions = tokens_per_gpu * supervised_share
+    with_checkpointing = tokens * hidden * layers * mixed_or_true + per_layer
+    positions = tokens * supervised_share
     positions = min(positions, lm_head_chunk_tokens) if lm_head_chunk_tokens else positions
     logits = positions * config.vocab_size * (mixed_or_true + 4 + 4)  # logits, their float32 copy, their gradient
     temporary = 0.0 if sharding.offload_optimizer else split(trainable * 4.0, sharding.optimizer)
@@ -172,7 +177,8 @@ def plan_memory(
         parameters, trainable, gpus, sharding, weights, gradients, optimizer, activations - on_host, without,
         with_checkpointing, logits, checkpointing, working_set,
         host * DEEPSPEED_BUFFER_FACTOR / nodes + on_host * gpus / nodes, temporary,
-        trainable * 4.0 if accumulated_gradients else 0.0, counts.active, on_host,
+        trainable * 4.0 if accumulated_gradients else 0.0, counts.active, activations_on_host=on_host,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -301,11 +307,36 @@ def estimate(config: str, gpus: Optional[int] = None, nodes: Optional[int] = Non
     """
     plan, name, precision = plan_of_config(config, gpus, nodes)
     print(format_plan(plan, name, precision, gpu_memory_gb))
+    advice = fitting_sequence_parallel(config, plan, gpus, nodes, gpu_memory_gb)
+    if advice:
+        print(advice)
 
 
-def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int] = None) -> tuple[MemoryPlan, str, str]:
+def fitting_sequence_parallel(config: str, plan: MemoryPlan, gpus: Optional[int], nodes: Optional[int],
+                              gpu_memory_gb: float) -> str:
+    """For an FSDP2 config whose plan does not fit: the smallest ``sequence_parallel_size`` that would (it must divide
+    the GPUs and the model's attention and key/value heads), or that none does; "" where the plan fits or the
+    strategy is not FSDP2."""
+    raw = yaml.safe_load(Path(config).read_text())
+    strategy = raw.get("trainer", {}).get("strategy")
+    fsdp2 = isinstance(strategy, dict) and strategy["class_path"].endswith("FSDP2Strategy")
+    if not fsdp2 or plan.total <= gpu_memory_gb * GB:
+        return ""
+    model = model_config(raw["model"]["model_name_or_path"], raw["model"].get("trust_remote_code", False))
+    heads = model.num_attention_heads
+    sizes = [n for n in divisors(heads, getattr(model, "num_key_value_heads", None) or heads, plan.gpus) if n > plan.sequence_parallel]
+    for size in sizes:
+        candidate = plan_of_config(config, gpus, nodes, sequence_parallel=size)[0]
+        if candidate.total <= gpu_memory_gb * GB:
+            return (f"  with --trainer.strategy.sequence_parallel_size {size}: {candidate.total / GB:.1f} GB per GPU, fits "
+                    f"({plan.gpus // size} data-parallel x {size} sequence-parallel)")
+    return f"  no sequence_parallel_size ({', '.join(map(str, sizes)) or 'none divides the GPUs and heads'}) makes it fit"
+
+
+def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int] = None,
+                   sequence_parallel: Optional[int] = None) -> tuple[MemoryPlan, str, str]:
     """(plan, model name, precision) of a ``fit`` config file, on ``gpus`` GPUs over ``nodes`` nodes (see
-    :func:`estimate`)."""
+    :func:`estimate`); ``sequence_parallel``: instead of the config's ``sequence_parallel_size``."""
     raw = yaml.safe_load(Path(config).read_text())
     trainer, model, data = raw.get("trainer", {}), raw.get("model", {}), raw.get("data", {})
     devices = trainer.get("devices", 1)
@@ -336,6 +367,7 @@ def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int]
         accumulated_gradients=fsdp2 and trainer.get("accumulate_grad_batches", 1) > 1
         and not init_args.get("reduce_every_micro_batch", False),
         activation_offloading=bool(model.get("activation_offloading")),
+        sequence_parallel=sequence_parallel or init_args.get("sequence_parallel_size", 1),
     )
     return plan, model["model_name_or_path"], precision
 
@@ -344,9 +376,11 @@ def format_plan(plan: MemoryPlan, name: str, precision: str, gpu_memory_gb: floa
     gb = lambda value: f"{value / GB:7.1f} GB"  # noqa: E731
     chosen = "with" if plan.checkpointing else "without"
     active = f" ({plan.active / 1e9:.2f}B active per token)" if plan.active and plan.active < plan.parameters else ""
+    size = plan.sequence_parallel
+    sequence = f" ({plan.gpus // size} data-parallel x {size} sequence-parallel)" if size > 1 else ""
     lines = [
-        f"{name}: {plan.parameters / 1e9:.2f}B parameters{active}, {plan.trainable / 1e9:.3f}B trained; {plan.gpus} GPUs, "
-        f"{plan.sharding.name}, {precision}",
+        f"{name}: {plan.parameters / 1e9:.2f}B parameters{active}, {plan.trainable / 1e9:.3f}B trained; {plan.gpus} GPUs"
+        f"{sequence}, {plan.sharding.name}, {precision}",
         f"  weights                              {gb(plan.weights)}",
         f"  gradients                            {gb(plan.gradients)}",
         f"  optimizer (AdamW moments)            {gb(plan.optimizer)}",

@@ -17,6 +17,7 @@ from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.memory import model_config
 from sft_lightning.module import SFTLitModule
+from sft_lightning.sequence_parallel import check_sequence_parallel
 from sft_lightning.sharding import FSDP2Strategy
 from tests.conftest import ROOT
 
@@ -69,3 +70,13 @@ def test_fsdp_presets_shard_and_checkpoint_each_decoder_layer(config):
     layer = layers[model_config(raw["model"]["model_name_or_path"]).model_type]
     assert fsdp.layer_classes == [f"{layer.__module__}.{layer.__name__}"]
     assert raw["model"]["gradient_checkpointing"] and raw["checkpoint"]["save_last"] == "link"
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "sequence_parallel_size" in c.read_text()], ids=lambda p: p.name)
+def test_long_context_presets_split_their_rows_in_a_way_the_model_and_gpus_allow(config):
+    raw = yaml.safe_load(config.read_text())
+    trainer, model, data = raw["trainer"], raw["model"], raw["data"]
+    size = trainer["strategy"]["init_args"]["sequence_parallel_size"]
+    check_sequence_parallel(model_config(model["model_name_or_path"]), size, model["attn_implementation"])
+    assert (trainer["devices"] * trainer.get("num_nodes", 1)) % size == 0 and trainer["devices"] % size == 0  # in a node
+    assert data["packing"] and data["max_length"] >= 32768 and model["gradient_checkpointing"]

@@ -1,6 +1,7 @@
 """Data tools: the ChatML sample API, ShareGPT/Alpaca conversion, and the pre-flight check."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -101,6 +102,15 @@ def test_check_passes_on_the_sample_data(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "<|im_start|>assistant\n⟦" in report and "<|im_end|>⟧" in report  # trained spans, end-of-turn included
     assert "FAIL" not in report and report.count("PASS") == 7
+
+
+def test_check_of_a_gpu_config_plans_a_row_of_max_length_on_its_gpus(capsys):
+    # The long-context preset with the tiny Llama 3.1 (its tokenizer is what the check renders with): the planner's
+    # figure for that model on the preset's 8 GPUs, sequence parallel 4 (the 8B's own figure: test_scale.py).
+    cli_main(["data", "check", "--config", str(ROOT / "configs" / "llama3.1-8b-128k.yaml"), "--samples=0",
+              f"--model.model_name_or_path={ROOT / 'models' / 'tiny-llama3.1'}"])
+    report = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"PASS │ memory per GPU at max_length │ [\d.]+ GB planned per GPU on 8 GPUs .*x sequence .*parallel 4", report)
 
 
 def test_check_fails_on_a_template_that_cannot_be_masked(tmp_path, capsys):

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 import sft_lightning.language_model as language_model_py
 from sft_lightning.cli import cli_main
 from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
+from tests.helpers import logged_scalars
 from tests.strict_kernels import strict_calls
 
 pytestmark = pytest.mark.slow
@@ -248,4 +249,35 @@ def test_sequence_parallel_2_on_two_ranks_resumes_after_sigkill_and_equals_one_p
 def test_data_parallel_2_x_sequence_parallel_2_on_four_ranks_equals_one_process(tmp_path):
     expected, actual = fit_sequence_parallel_and_one_process(tmp_path, 4)
     for name in expected:  # seen: 8e-7 apart
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-4, msg=name)
+
+
+def long_conversations(source: str, per: int, path) -> str:
+    """Conversations of ``per`` of the repo's chats each (system turns left out), written to ``path``: ~800 tokens
+    with the tiny tokenizer (mean 807), past the 512 positions the tiny Llama 3.1's RoPE scaling starts from."""
+    records = json.load(open(ROOT / "data" / source))
+    chats = [[m for m in record["messages"] if m["role"] != "system"] for record in records]
+    chats = [chat for chat in chats if chat[0]["role"] == "user"]
+    long = [{"messages": [m for chat in chats[i : i + per] for m in chat]} for i in range(0, len(chats) - per + 1, per)]
+    path.write_text(json.dumps(long))
+    return str(path)
+
+
+@pytest.mark.parametrize("preset", ["llama3.1-8b-128k.yaml", "llama3.3-70b-32k.yaml"])
+def test_long_context_presets_on_long_held_out_samples_equal_one_process(preset, tmp_path):
+    # The presets as shipped (their accumulation, reduction and checkpointing), sequence parallel 2 on this CPU's 2
+    # ranks (4 on their GPUs, which the tiny model's 2 key/value heads cannot split), on samples of ~800 tokens.
+    model = str(ROOT / "models" / "tiny-llama3.1")
+    data = (f"--data.train_path={long_conversations('chatml_data.json', 24, tmp_path / 'train.json')}",
+            f"--data.val_path={long_conversations('chatml_val.json', 12, tmp_path / 'val.json')}",
+            "--data.max_length=2048", "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=4")
+    sharded = cli_fit(preset, tmp_path / "sp", *on_cpu(model, "--trainer.devices=2",
+                                                        "--trainer.strategy.sequence_parallel_size=2", *data))
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    fit_here(preset, tmp_path / "single", *on_cpu(model, "--trainer.devices=1", "--trainer.strategy=auto", *data))
+    runs = [tmp_path / run / "lightning_logs" / "version_0" for run in ("single", "sp")]
+    val = [logged_scalars(run)["val_loss"] for run in runs]
+    assert val[0] and val[1] == pytest.approx(val[0], abs=1e-5)  # held-out loss, slice by slice
+    expected, actual = (exported(run / "checkpoints" / "last.ckpt", tmp_path / f"hf{i}") for i, run in enumerate(runs))
+    for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-4, msg=name)

@@ -70,6 +70,45 @@ def test_activation_checkpointing_keeps_one_layer_input_each():
     assert plan.activations == plan.activations_with_checkpointing
 
 
+def test_sequence_parallelism_divides_the_activations_and_logits_as_the_formula_says():
+    # Llama 3.1 8B at 128k tokens, bf16 activations (2 bytes): with checkpointing each of the 32 layers keeps its input
+    # (T/N x 4096 values) plus one layer recomputed (T/N x (10 h + 5 i + 4 kv)); the LM head one chunk of 512 positions.
+    config = model_config("meta-llama/Llama-3.1-8B-Instruct")
+    tokens, h, i, kv, layers = 131072, 4096, 14336, 8 * 128, 32
+    for size in (1, 2, 4, 8):
+        plan = plan_memory(config, 8, SHARDINGS["zero3"], tokens_per_gpu=tokens, checkpointing=True, sequence_parallel=size)
+        t = tokens / size
+        assert plan.activations_with_checkpointing == t * h * layers * 2 + t * (10 * h + 5 * i + 4 * kv) * 2
+        assert plan.activations_without_checkpointing == t * (10 * h + 5 * i + 4 * kv) * 2 * layers
+        assert plan.logits == 512 * config.vocab_size * (2 + 4 + 4)  # chunked: as many positions whatever the slice
+        assert plan.state == plan_memory(config, 8, SHARDINGS["zero3"]).state  # the weights are sharded over all 8
+    # 125 GB without it; the estimate names 4, the smallest size that fits an 80 GB GPU (75 GB), as the preset uses.
+    assert plan_of_config(str(ROOT / "configs" / "llama3.1-8b-128k.yaml"), sequence_parallel=1)[0].total / 2**30 > 120
+
+
+def test_estimate_names_the_sequence_parallel_size_that_fits(tmp_path, capsys):
+    long = (ROOT / "configs" / "llama3.1-8b-128k.yaml").read_text().replace("      sequence_parallel_size: 4\n", "")
+    (tmp_path / "long.yaml").write_text(long)
+    cli_main(["estimate", "--config", str(tmp_path / "long.yaml")])
+    report = capsys.readouterr().out
+    assert "does NOT fit a 80 GB GPU" in report
+    assert "with --trainer.strategy.sequence_parallel_size 4: 75.3 GB per GPU, fits (2 data-parallel x 4 sequence-parallel)" in report
+    cli_main(["estimate", "--config", str(tmp_path / "long.yaml"), "--gpu_memory_gb", "40"])
+    assert "no sequence_parallel_size (2, 4, 8) makes it fit" in capsys.readouterr().out
+
+
+def test_data_check_says_whether_max_length_fits_the_configs_gpus():
+    from sft_lightning.data_check import memory_check
+
+    preset = (ROOT / "configs" / "llama3.1-8b-128k.yaml").read_text()
+    assert memory_check(preset) == ("memory per GPU at max_length", "pass", "75.3 GB planned per GPU on 8 GPUs x sequence "
+                                    "parallel 4 (ZeRO-3 / FSDP FULL_SHARD): fits 80 GB")
+    name, status, detail = memory_check(preset.replace("      sequence_parallel_size: 4\n", ""))
+    assert status == "warn" and detail == ("125.2 GB planned per GPU on 8 GPUs (ZeRO-3 / FSDP FULL_SHARD): more than 80 GB; "
+                                           "with --trainer.strategy.sequence_parallel_size 4: 75.3 GB per GPU, fits "
+                                           "(2 data-parallel x 4 sequence-parallel)")
+
+
 def test_strategies_are_read_from_configs():
     assert sharding_of("ddp") == SHARDINGS["ddp"]
     assert sharding_of("deepspeed_stage_2").name == "DeepSpeed ZeRO-2"
