@@ -249,7 +249,7 @@ def test_resume_refuses_a_position_counted_on_another_mixture(sources):
     assert position["micro_batches_done"] == 3 and position["mixture"]["counts"] == [[300, 322], [120, 115], [40, 23]]
     same = mixed(sources)
     same.load_state_dict(position)
-    assert same.train_dataloader().sampler.skipped == 3
+    assert same.train_dataloader().trained == 3
     other = mixed(sources, {"general": 0.5, "domain": 0.5})
     other.load_state_dict(position)
     with pytest.raises(DataError, match=r"^data.train_path: the checkpoint trained on sources of 300/322, 120/115, 40/23 "
@@ -277,7 +277,7 @@ def test_resume_refuses_a_position_another_plan_would_count_differently(sources,
     position = trained.state_dict()
     resumed = one_source()
     resumed.load_state_dict(position)
-    assert resumed.train_dataloader().sampler.skipped == 3
+    assert resumed.train_dataloader().trained == 3
     other = one_source(**changed)
     other.load_state_dict(position)
     with pytest.raises(DataError, match=r"^data: the checkpoint trained 3 micro-batches of epoch 0, and this run's plan "
