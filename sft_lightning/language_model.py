@@ -49,7 +49,13 @@ def build_causal_lm(
     quantization_config=None,
 ):
     """Load ``path`` through ``from_pretrained``, or with ``pretrained`` False build its architecture from the config
-    alone (random weights, inside ZeRO-3's ``zero.Init``; on the meta device otherwise)."""
+    alone (random weights, inside ZeRO-3's ``zero.Init``; on the meta device otherwise).
+
+    Hub kernels stay off (``use_kernels=False``): transformers 5.25 turns them on by default wherever the ``kernels``
+    package is installed (a dependency of transformers itself), and then ``model.train()`` re-kernelizes the layers,
+    replacing their forwards with kernels fetched from the Hugging Face Hub at run time: the packed linear-attention
+    forward installed here was silently dropped, and training numerics would depend on the network. The same model
+    as ``from_config`` builds, which never kernelizes."""
     dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
     with loading(path, "model"):
         full = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -62,7 +68,7 @@ def build_causal_lm(
         if config is full:
             return AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                quantization_config=quantization_config,
+                quantization_config=quantization_config, use_kernels=False,
             )
         # The vision tower's weights are left unread on purpose: transformers would list each one as unexpected.
         # What matters, a language-model weight not found, is checked here instead.
@@ -72,7 +78,7 @@ def build_causal_lm(
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, config=config, key_mapping=LANGUAGE_MODEL_KEYS, output_loading_info=True, dtype=dtype,
                 trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                quantization_config=quantization_config,
+                quantization_config=quantization_config, use_kernels=False,
             )
         finally:
             hf_logging.set_verbosity(verbosity)

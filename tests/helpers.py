@@ -67,10 +67,11 @@ def assert_same_gradients(steps, reference):
     assert len(steps) == len(reference)
     for step, expected in zip(steps, reference):
         for name, grad in expected.items():
-            # float32 summation order differs between the runs (and Adam amplifies it in later steps): the
-            # tolerance is relative to the tensor scale, far below the ~10% a wrong normalisation gives
+            # float32 summation order differs between the runs (and Adam amplifies it in later steps: a chunked head
+            # under transformers 5.25 reached 1.3e-4 of the scale at step 2, 2.6e-7 at step 1): the tolerance is
+            # relative to the tensor scale, far below the ~10% a wrong normalisation gives
             scale = grad.abs().max().item()
-            torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+            torch.testing.assert_close(step[name], grad, rtol=1e-4, atol=5e-4 * scale, msg=name)
 
 
 def chat_through_pipe(model_dir, lines, *options):
@@ -113,8 +114,13 @@ def packed_logit_mismatch(model, samples: list[tuple[list[int], list[int]]], att
     return worst
 
 
-def logged_scalars(log_dir) -> dict[str, list[float]]:
-    """Every scalar in the run's TensorBoard event files, by tag."""
+def logged_steps(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run's TensorBoard event files, by tag, as (step, value)."""
     events = EventAccumulator(str(log_dir))
     events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def logged_scalars(log_dir) -> dict[str, list[float]]:
+    """Every scalar in the run's TensorBoard event files, by tag."""
+    return {tag: [value for _, value in values] for tag, values in logged_steps(log_dir).items()}
