@@ -8,6 +8,8 @@ saved as a Hugging Face folder with the shipped ChatML tokenizer), one after ano
 - ``sft-lightning fit``, padded and packed: the real command (imports, tokenisation, one epoch, checkpoint,
   export to ``hf_model/``), and packed once more with ``--model.lm_head_chunk_tokens=null`` (whole logits);
 - a plain loop, padded and packed: what a user writes by hand (load, HF forward with labels, AdamW, save);
+- the packed run with validation on held-out conversations, without and with generation on them while training
+  (``eval.*`` at its defaults): what evaluation while training costs;
 - TRL's ``SFTTrainer`` (padded, no packing, then ``save_model``), run by ``--trl_python`` (default: this Python;
   skipped with a line when it cannot import trl).
 
@@ -41,9 +43,10 @@ FIXTURES = {
 }
 BATCH_SIZE = 8
 MAX_LENGTH = 1024
+VAL_CONVERSATIONS = 60  # held out, for the runs that measure what evaluation while training costs
 
 
-def write_fixture(folder: Path, name: str, conversations: int, seed: int) -> tuple[str, str]:
+def write_fixture(folder: Path, name: str, conversations: int, seed: int) -> tuple[str, str, str]:
     import torch
     from transformers import Qwen2Config
     from transformers.utils import logging
@@ -55,8 +58,9 @@ def write_fixture(folder: Path, name: str, conversations: int, seed: int) -> tup
     config = Qwen2Config(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH, **FIXTURES[name])
     folder.mkdir(parents=True)
     data = write_conversations(folder / "train.jsonl", conversations, MAX_LENGTH, seed)
+    held_out = write_conversations(folder / "val.jsonl", VAL_CONVERSATIONS, MAX_LENGTH, seed + 1)
     with torch.random.fork_rng():
-        return data, write_model(folder / "model", config, seed)
+        return data, held_out, write_model(folder / "model", config, seed)
 
 
 def measure(command: list[str], cwd: Path, env: dict) -> tuple[float, float, str]:
@@ -148,7 +152,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=450)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl_python", default=sys.executable, help="a Python that can import trl and datasets")
-    parser.add_argument("--runs", nargs="+", default=["sft-lightning", "plain", "TRL"],
+    parser.add_argument("--runs", nargs="+", default=["sft-lightning", "plain", "eval", "TRL"],
                         help="which runs, by the start of their label; ratios are against TRL, else the first run")
     parser.add_argument("--child", choices=["plain-padded", "plain-packed", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -177,7 +181,7 @@ def main() -> None:
               f"{shape['num_hidden_layers']} layers, {'tied' if shape['tie_word_embeddings'] else 'untied'} head", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / name
-            data, model = write_fixture(folder, name, args.conversations, args.seed)
+            data, held_out, model = write_fixture(folder, name, args.conversations, args.seed)
             child = ["--data", data, "--model", model]
             runs = {
                 "sft-lightning padded": sft_lightning_command(data, model, folder / "padded", False, cuda),
@@ -185,6 +189,11 @@ def main() -> None:
                 # The LM head and loss on whole logits, as before they ran in chunks (model.lm_head_chunk_tokens).
                 "sft-lightning packed, whole logits": sft_lightning_command(data, model, folder / "whole", True, cuda)
                 + ["--model.lm_head_chunk_tokens=null"],
+                # Validation loss on held-out conversations in both; generation on them (eval.*, at its defaults) in one.
+                "eval cost: packed + validation": sft_lightning_command(data, model, folder / "val", True, cuda)
+                + [f"--data.val_path={held_out}", "--eval.num_prompts=0"],
+                "eval cost: ... + generation eval": sft_lightning_command(data, model, folder / "eval", True, cuda)
+                + [f"--data.val_path={held_out}"],
                 "plain loop padded": me + ["--child", "plain-padded", "--out", str(folder / "plain-padded")] + child,
                 "plain loop packed": me + ["--child", "plain-packed", "--out", str(folder / "plain-packed")] + child,
                 "TRL SFTTrainer padded": [args.trl_python, __file__, "--child", "trl", "--out", str(folder / "trl")] + child,
@@ -195,6 +204,10 @@ def main() -> None:
             for label in chosen:
                 results[label] = measure(runs[label], ROOT, env)[:2]
                 print(f"  {label}: {results[label][0]:.1f} s, {results[label][1]:.2f} GB", flush=True)
+        without, with_eval = results.get("eval cost: packed + validation"), results.get("eval cost: ... + generation eval")
+        if without and with_eval:
+            print(f"generation eval at its defaults: {with_eval[0] - without[0]:+.1f} s = "
+                  f"{(with_eval[0] - without[0]) / without[0]:+.1%} of the run's wall time")
         reference = chosen[-1] if chosen[-1].startswith("TRL") else chosen[0]
         name = reference.split()[0]
         print(f"{'run':<36}{'wall s':>9}{'peak GB':>9}{'wall vs ' + name:>14}{'peak vs ' + name:>14}")

@@ -97,8 +97,8 @@ def train(config: Union[str, Path, dict] = "tiny", overrides: Optional[dict[str,
             path = config_path(config)
         flags = [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in (overrides or {}).items()]
         cli = SFTLightningCLI(args=["fit", "--config", str(path), *flags])
-    log_dir = Path(cli.trainer.log_dir)
     callback = cli.trainer.checkpoint_callback
+    log_dir = callback.run_folder if callback is not None else Path(cli.trainer.log_dir)
     checkpoint = callback and (callback.best_model_path or callback.last_model_path)
     hf_model = log_dir / "hf_model"
     return TrainResult(log_dir, Path(checkpoint) if checkpoint else None, hf_model if hf_model.is_dir() else None)

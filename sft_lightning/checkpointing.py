@@ -67,6 +67,23 @@ class ResumableCheckpoint(ModelCheckpoint):
         finally:
             self.save_last = "link"
 
+    @property
+    def run_folder(self) -> Path:
+        """The run's own folder, holding ``checkpoints/``: ``<save_dir>/<name>/<version>`` of the first logger, as
+        Lightning lays checkpoints out for every logger (TensorBoard's and CSV's ``version_N``, a W&B or MLflow run);
+        known on every rank once the callback is set up."""
+        return Path(self.dirpath).parent
+
+    @property
+    def export_folder(self) -> Path:
+        """Where fit exports the best weights as a Hugging Face folder."""
+        return self.run_folder / "hf_model"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Known from the start, so a run interrupted before the export still says where it would be.
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"exported_model": str(self.export_folder)})
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         every = self._every_n_train_steps

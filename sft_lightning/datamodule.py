@@ -6,6 +6,7 @@ import os
 from functools import partial
 from typing import Any, Optional
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
@@ -14,8 +15,9 @@ from sft_lightning.collate import PackedBatch
 from sft_lightning.errors import ConfigError, DataError
 from sft_lightning.formats import Format
 from sft_lightning.layout import RunLayout, connected
+from sft_lightning.evaluation import HeldOutPrompt, held_out_prompts
 from sft_lightning.loaders import MicroBatchDataset, PromptDataset, ResumableLoader, collate_prompt_batch
-from sft_lightning.mixture import Mixture
+from sft_lightning.mixture import Mixture, SampleSet
 from sft_lightning.packing import pack_best_fit_decreasing, slice_packed
 from sft_lightning.records import OnInvalid, Record
 from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
@@ -107,10 +109,11 @@ class ChatMLDataModule(LightningDataModule):
             raise DataError("data.packing already fills rows; group_by_length and max_tokens_per_batch are for unpacked batches")
         self.tokenizer = None
         self._layout: Optional[RunLayout] = None
-        self.splits: dict[str, Mixture] = {}
+        self.splits: dict[str, Mixture | SampleSet] = {}  # and each evaluation source's samples, as val/<name>
         self._reported: set[str] = set()  # splits whose summary is printed
         self._packed_rows: dict[str, list[list[int]]] = {}
         self._train_loader: Optional[ResumableLoader] = None
+        self._source_tokens: Optional[tuple[int, np.ndarray]] = None  # (epoch, cumulative tokens per source)
         self._position: Optional[dict[str, Any]] = None  # the training position of a checkpoint being resumed
         self.predict_dataset: Optional[PromptDataset] = None
 
@@ -195,6 +198,15 @@ class ChatMLDataModule(LightningDataModule):
             raise RuntimeError("predict_records() before setup('predict')")
         return self.predict_dataset.records
 
+    def held_out_prompts(self, count: int) -> list[HeldOutPrompt]:
+        """At most ``count`` validation conversations that end with an answer, as predict renders their prompts
+        (:func:`~sft_lightning.evaluation.held_out_prompts`), for evaluation while training."""
+        h = self.hparams
+        self._load_tokenizer()
+        sources = resolve_sources(h.val_path, "val_path", h.format)
+        return held_out_prompts(sources, self.tokenizer, count, h.max_length, h.on_invalid == "skip", h.system_message,
+                                h.split_special_tokens)
+
     def _rows(self, name: str) -> list[list[int]]:
         """Packed rows of a split, built once (deterministic, so every rank and a resumed run agree)."""
         if name not in self._packed_rows:
@@ -237,6 +249,20 @@ class ChatMLDataModule(LightningDataModule):
             if h.packing else "grouped by length"
         )
         return Batching(how, configured, plain)
+
+    def trained_tokens_by_source(self) -> dict[str, int]:
+        """Supervised tokens trained so far from each training source, all ranks together, by source name (for the
+        training logs); empty for a single source. Read off the plan at the loader's position: no communication."""
+        mixture, loader = self.splits.get("train"), self._train_loader
+        if loader is None or mixture is None or len(mixture.sources) == 1:
+            return {}
+        if self._source_tokens is None or self._source_tokens[0] != loader.epoch:
+            rows = self._rows("train") if self.hparams.packing else None
+            batches = loader.sampler.plan.global_micro_batches(loader.epoch)
+            self._source_tokens = (loader.epoch, mixture.cumulative_source_tokens(batches, rows))
+        cumulative = self._source_tokens[1]
+        trained = cumulative[-1] * loader.epoch + cumulative[min(loader.trained, len(cumulative) - 1)]
+        return {source.source.name: int(tokens) for source, tokens in zip(mixture.sources, trained)}
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position and RNG states (:class:`~sft_lightning.loaders.ResumableLoader`).
@@ -292,11 +318,33 @@ class ChatMLDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", training=True)
 
-    def val_dataloader(self) -> Any:
-        return self._loader("val", training=False) if "val" in self.splits else []
+    def source_names(self, name: str) -> list[str]:
+        """The sources of the ``val`` or ``test`` split by name when there are several: each gets a loader of its own
+        (in this order) and metrics of its own (``val_loss/<name>``); an empty list for one source or none."""
+        value = self.hparams[f"{name}_path"]
+        if value is None or isinstance(value, (str, os.PathLike)):
+            return []
+        sources = resolve_sources(value, f"{name}_path", self.hparams.format)
+        return [source.name for source in sources] if len(sources) > 1 else []
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", training=False)
+    def _evaluation_loaders(self, name: str) -> Any:
+        """One loader for the split, or one per source where there are several (each source's drawn samples packed
+        and batched on their own: the metrics of each equal validating that source alone)."""
+        mixture = self.splits[name]
+        if len(mixture.sources) == 1:
+            return self._loader(name, training=False)
+        loaders = []
+        for source in mixture.sources:
+            part = f"{name}/{source.source.name}"
+            self.splits.setdefault(part, SampleSet(source.parts, source.drawn))
+            loaders.append(self._loader(part, training=False))
+        return loaders
+
+    def val_dataloader(self) -> Any:
+        return self._evaluation_loaders("val") if "val" in self.splits else []
+
+    def test_dataloader(self) -> Any:
+        return self._evaluation_loaders("test")
 
     def predict_dataloader(self) -> DataLoader:
         layout = self.layout

@@ -27,6 +27,7 @@ class GenerationSettings:
 class Reply(NamedTuple):
     text: str
     stopped: bool  # ended with an end-of-turn token, not by running into max_new_tokens
+    tokens: int  # generated, the end-of-turn token included
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 keeps the weights it gathers, and inference tensors cannot be reused
@@ -55,5 +56,7 @@ def generate_replies(
     replies = []
     for row in output[:, input_ids.shape[1] :].tolist():
         end = next((i for i, token in enumerate(row) if token in stops), None)
-        replies.append(Reply(tokenizer.decode(row[:end], skip_special_tokens=True), end is not None))
+        # Rows that stopped early are padded to the longest; a row that never stopped used every new token.
+        tokens = len(row) if end is None else end + 1
+        replies.append(Reply(tokenizer.decode(row[:end], skip_special_tokens=True), end is not None, tokens))
     return replies

@@ -6,6 +6,7 @@ each parses a config exactly as fit does.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,7 @@ from sft_lightning.checkpoint_loading import module_arguments
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.errors import ConfigError, DataError
+from sft_lightning.evaluation import GenerationEval
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
 from sft_lightning.language_model import causal_lm_config
@@ -36,6 +38,19 @@ from sft_lightning.zero import deepspeed_config, evaluation_checkpoint_refusal
 GENERATION_SETTINGS = ("max_new_tokens", "temperature", "top_p")
 
 
+class SaveRunConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml`` in the run's log directory, and nothing where the logger has none: MLflow with a
+    database tracking URI (``sqlite:///mlflow.db``, what MLflow 3 asks for) has no folder, and Lightning 2.6.6's
+    callback then fails an assertion before the first step. The arguments still reach MLflow as the run's params."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and trainer.log_dir is None:  # a broadcast: every rank asks
+            rank_zero_info("config.yaml: the logger has no folder of its own; the arguments are in its hyperparameters")
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+
 class SFTLightningCLI(LightningCLI):
     def __init__(self, args=None, **kwargs) -> None:
         with warnings.catch_warnings():
@@ -46,6 +61,7 @@ class SFTLightningCLI(LightningCLI):
                 SFTLitModule,
                 ChatMLDataModule,
                 trainer_defaults={"default_root_dir": "outputs"},
+                save_config_callback=SaveRunConfig,
                 save_config_kwargs={"overwrite": True},
                 auto_configure_optimizers=False,  # the module owns AdamW and its schedule
                 # A prefix of an option (--trainer.max_epoch) is an error, not silently that option.
@@ -54,6 +70,17 @@ class SFTLightningCLI(LightningCLI):
                 args=args,
                 **kwargs,
             )
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, with a class that cannot be made (a logger whose package is missing: ``--trainer.logger
+        WandbLogger`` without ``wandb``) told in one line: jsonargparse reports it inside a page about union types."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            problem = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", str(err))
+            if problem is None:
+                raise
+            raise ConfigError(f"{problem.group(1).rpartition('.')[2]}: {problem.group(2).strip()}") from None
 
     def instantiate_trainer(self, **kwargs):
         """The trainer, after checking that a GPU config has a GPU to run on (Lightning's own error is a traceback)."""
@@ -86,6 +113,7 @@ class SFTLightningCLI(LightningCLI):
         })
         parser.add_lightning_class_args(ThroughputLogger, "throughput")
         parser.add_lightning_class_args(Preemption, "preemption")
+        parser.add_lightning_class_args(GenerationEval, "eval")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.link_arguments("model.model_name_or_path", "data.tokenizer_path")
@@ -153,8 +181,13 @@ class SFTLightningCLI(LightningCLI):
         # pretrained ones, which are then never read.
         self.model.connect(tokenizer, checkpoint_follows=ckpt_path is not None)
         self.datamodule.connect(tokenizer)
+        # Validation and test sources, each with metrics of its own where there are several.
+        self.model.connect_sources(self.datamodule.source_names("val"), self.datamodule.source_names("test"))
         # The ranks, sizes and loss divisor, once the strategy has started the processes: the same for both.
-        self.trainer.callbacks.insert(0, ConnectRunLayout(self.model, self.datamodule))
+        evaluation = [c for c in self.trainer.callbacks if isinstance(c, GenerationEval)]
+        for callback in evaluation:
+            callback.connect(self.datamodule.held_out_prompts if self.datamodule.hparams.val_path is not None else None)
+        self.trainer.callbacks.insert(0, ConnectRunLayout(self.model, self.datamodule, *evaluation))
         if config is not None:
             # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the
             # micro-batch off the loader's batch_sampler, which a loader of whole micro-batches does not have.
@@ -178,6 +211,9 @@ class SFTLightningCLI(LightningCLI):
     def before_fit(self) -> None:
         self._before_any()
         self.trainer.callbacks.append(FitSummary())
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ThroughputLogger):
+                callback.connect_sources(self.datamodule.trained_tokens_by_source)
         if self.datamodule.hparams.val_path is None:
             # Without validation there is no val_loss to choose checkpoints by (Lightning would warn every epoch).
             for callback in self.trainer.checkpoint_callbacks:
@@ -198,12 +234,11 @@ class SFTLightningCLI(LightningCLI):
         self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
 
     def after_fit(self) -> None:
-        """Export the best weights (else the last) as ``hf_model/`` in the run's log directory, on global rank 0."""
-        log_dir = self.trainer.log_dir  # a broadcast from rank 0: every rank asks, or the run hangs
+        """Export the best weights (else the last) as ``hf_model/`` beside the run's ``checkpoints/``, on global rank 0."""
         callback = self.trainer.checkpoint_callback
         ckpt = callback and (callback.best_model_path or callback.last_model_path)
-        if self.trainer.is_global_zero and log_dir is not None and ckpt:
-            export(ckpt, str(Path(log_dir) / "hf_model"))
+        if self.trainer.is_global_zero and ckpt:
+            export(ckpt, str(callback.export_folder))
         self._leave_together()
 
     def _leave_together(self) -> None:

@@ -14,7 +14,7 @@ from sft_lightning.collate import PromptBatch, TrainingBatch, collate_prompts, c
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.packing import collate_packed
-from sft_lightning.records import read_records
+from sft_lightning.records import Record, read_records
 from sft_lightning.render import IGNORE_INDEX, SystemMessage, render_prompt
 from sft_lightning.sampling import MicroBatch, StepPlanSampler
 from sft_lightning.tokenized import TokenizedSplit
@@ -54,15 +54,7 @@ class PromptDataset(Dataset):
         split_special_tokens: bool = False,
     ) -> None:
         self.records = read_records(path, require_assistant=False, format=format)
-        self.prompts = []
-        for record in self.records:
-            shown = prompt_messages(record.messages)
-            if shown[-1]["role"] not in ("user", "tool"):
-                raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
-            try:
-                self.prompts.append(render_prompt(shown, tokenizer, record.tools, system_message, split_special_tokens))
-            except TemplateError as err:
-                raise DataError(f"{record.location}: {err}") from None
+        self.prompts = [render_prompt_ids(r, tokenizer, system_message, split_special_tokens) for r in self.records]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -74,6 +66,20 @@ class PromptDataset(Dataset):
 def prompt_messages(messages: list[dict]) -> list[dict]:
     """The messages shown to the model: a final assistant turn is the reference answer, not input."""
     return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+
+
+def render_prompt_ids(
+    record: Record, tokenizer, system_message: SystemMessage = "auto", split_special_tokens: bool = False
+) -> list[int]:
+    """The ids generation starts from for ``record`` (its messages without a final assistant turn, then the
+    generation prompt), as predict and the evaluation while training give them; one-line :class:`DataError`."""
+    shown = prompt_messages(record.messages)
+    if shown[-1]["role"] not in ("user", "tool"):
+        raise DataError(f"{record.location}: a prediction input must end with a user turn or tool results")
+    try:
+        return render_prompt(shown, tokenizer, record.tools, system_message, split_special_tokens)
+    except TemplateError as err:
+        raise DataError(f"{record.location}: {err}") from None
 
 
 def collate_prompt_batch(items: list[tuple[int, list[int]]], pad_token_id: int) -> PromptBatch:

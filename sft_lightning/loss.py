@@ -9,7 +9,7 @@ accumulation count.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,3 +73,28 @@ class TokenMetrics(Metric):
         tokens = self.supervised_tokens.clamp(min=1)
         loss = self.nll_sum / tokens
         return {"loss": loss.float(), "ppl": loss.exp().float(), "acc": (self.correct / tokens).float()}
+
+
+class EvaluationMetrics(torch.nn.Module):
+    """An evaluation set's :class:`TokenMetrics` in total and, where it has several sources, per source (one for each
+    evaluation loader, in the same order: :meth:`ChatMLDataModule.source_names`)."""
+
+    def __init__(self, sources: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.sources = list(sources)
+        self.total = TokenMetrics()
+        self.per_source = torch.nn.ModuleList(TokenMetrics() for _ in self.sources)
+
+    def update(self, stats: TokenStats, loader: int = 0) -> None:
+        self.total.update(stats)
+        if self.sources:
+            self.per_source[loader].update(stats)
+
+    def compute(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(``{prefix}_loss``, ``_ppl``, ``_acc``; the same as ``{prefix}_loss/<source>`` for each source), then reset."""
+        named = [("", self.total)] + [(f"/{source}", metrics) for source, metrics in zip(self.sources, self.per_source)]
+        values = []
+        for suffix, metrics in named:
+            values.append({f"{prefix}_{name}{suffix}": value for name, value in metrics.compute().items()})
+            metrics.reset()
+        return values[0], {name: value for part in values[1:] for name, value in part.items()}

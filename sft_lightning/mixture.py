@@ -114,6 +114,20 @@ class Mixture(SampleSet):
         super().__init__([p for files in parts for p in files],
                          np.concatenate([start + s.drawn for start, s in zip(starts, self.sources)]))
 
+    @cached_property
+    def source_of_sample(self) -> np.ndarray:
+        """Each sample's source (its index in :attr:`sources`)."""
+        return np.repeat(np.arange(len(self.sources)), [len(s.drawn) for s in self.sources])
+
+    def cumulative_source_tokens(self, batches: list[list[int]], rows: Optional[list[list[int]]] = None) -> np.ndarray:
+        """Row ``j``: the supervised tokens of each source in the first ``j`` of ``batches`` (each a list of units:
+        samples, or packed ``rows`` of samples)."""
+        per_sample = np.zeros((len(self), len(self.sources)), np.int64)
+        per_sample[np.arange(len(self)), self.source_of_sample] = self.supervised_tokens
+        units = per_sample if rows is None else np.stack([per_sample[row].sum(0) for row in rows])
+        steps = [units[batch].sum(0) for batch in batches]
+        return np.concatenate([np.zeros((1, len(self.sources)), np.int64), np.cumsum(steps, axis=0)])
+
     @property
     def mixed(self) -> bool:
         """More than one source, or one drawn otherwise than every sample once."""

@@ -3,32 +3,26 @@
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
-from transformers import get_scheduler
 
 from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, quantization_config
 from sft_lightning.attention import SDPA_VARLEN, check_packing, model_inputs
 from sft_lightning.checkpointing import drop_head_copy, newest_checkpoint, portable_arguments
-from sft_lightning.collate import BatchCounts, PackedBatch, PackedSlice, TrainingBatch
+from sft_lightning.collate import BatchCounts, PackedBatch, PackedSlice, PromptBatch, TrainingBatch
 from sft_lightning.errors import ConfigError
-from sft_lightning.generation import GenerationSettings, generate_replies
+from sft_lightning.generation import GenerationSettings, Reply, generate_replies
 from sft_lightning.language_model import DType, build_causal_lm, prepare_for_training
 from sft_lightning.layout import RunLayout, connected
 from sft_lightning.lm_head import ChunkedLMHead
 from sft_lightning.moe import MoE, StepRouter, moe_of, router_balance
 from sft_lightning.nonfinite import NonFiniteGuard, nonfinite_error
-from sft_lightning.loss import TokenMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
+from sft_lightning.loss import EvaluationMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
 from sft_lightning.render import load_tokenizer, stop_token_ids
 from sft_lightning.throughput import FlopParameters, matmul_parameters, training_flops
-from sft_lightning.strategy_model import StrategyModel, decay_groups, strategy_model
-
-# Our names to transformers' scheduler names; "constant" still warms up.
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
+from sft_lightning.strategy_model import StrategyModel, decay_groups, strategy_model, warmup_schedule
 
 class SFTLitModule(LightningModule):
     def __init__(
@@ -97,8 +91,8 @@ class SFTLitModule(LightningModule):
         self.model = None
         self.tokenizer = None
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation
-        self.val_metrics = TokenMetrics()
-        self.test_metrics = TokenMetrics()
+        self.val_metrics = EvaluationMetrics()
+        self.test_metrics = EvaluationMetrics()
         self._matmul_parameters = FlopParameters(0, 0)  # for flops()
         self._packing_checked = False
         self._keeps_logits = False
@@ -181,8 +175,7 @@ class SFTLitModule(LightningModule):
         return model
 
     def flops(self, counts: BatchCounts) -> float:
-        """FLOPs of a forward and backward of a micro-batch of these counts (for MFU; see
-        :func:`sft_lightning.throughput.training_flops`)."""
+        """FLOPs of a micro-batch's forward and backward (:func:`~sft_lightning.throughput.training_flops`)."""
         return training_flops(self.model.config, self._matmul_parameters, counts)
 
     def score(self, batch: TrainingBatch) -> TokenStats:
@@ -263,38 +256,41 @@ class SFTLitModule(LightningModule):
         self._nonfinite.skipped = checkpoint.get("nonfinite_steps", 0)
         drop_head_copy(checkpoint.get("state_dict", {}))
 
-    def validation_step(self, batch, batch_idx):
-        self.val_metrics.update(self.score(batch))
+    def connect_sources(self, val: list[str], test: list[str]) -> None:
+        """Also log each evaluation loader's metrics under its source's name (``val_loss/<name>``; the data module's
+        :meth:`~ChatMLDataModule.source_names`, in order)."""
+        self.val_metrics, self.test_metrics = EvaluationMetrics(val), EvaluationMetrics(test)
 
-    def test_step(self, batch, batch_idx):
-        self.test_metrics.update(self.score(batch))
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self.val_metrics.update(self.score(batch), dataloader_idx)
 
-    def _log_metrics(self, prefix: str, metrics: TokenMetrics) -> None:
-        values = metrics.compute()
-        self.log_dict({f"{prefix}_{name}": value for name, value in values.items()}, prog_bar=prefix == "val")
-        metrics.reset()
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self.test_metrics.update(self.score(batch), dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        totals, per_source = self.val_metrics.compute("val")
+        self.log_dict(totals, prog_bar=True)
+        self.log_dict(per_source)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        totals, per_source = self.test_metrics.compute("test")
+        self.log_dict({**totals, **per_source})
+
+    def reply(self, batch: PromptBatch, settings: Optional[GenerationSettings] = None) -> list[Reply]:
+        """Answers to left-padded prompts (predict; evaluation while training), by default with
+        :attr:`generation_settings`. A sharded model (FSDP2, ZeRO-3) needs every rank to call this as often."""
+        self._strategy.before_forward(self.model)
+        return generate_replies(
+            self.model, self.tokenizer, batch.input_ids, batch.attention_mask, settings or self.generation_settings,
+            self.stop_ids, synced=self._strategy.sharded and self.layout.distributed,
+        )
 
     def predict_step(self, batch, batch_idx):
-        self._strategy.before_forward(self.model)
-        replies = generate_replies(
-            self.model, self.tokenizer, batch.input_ids, batch.attention_mask, self.generation_settings, self.stop_ids,
-            synced=self._strategy.sharded and self.layout.distributed,
-        )
-        return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch.index, replies)]
+        return [{"index": int(i), "prediction": reply.text} for i, reply in zip(batch.index, self.reply(batch))]
 
     def configure_optimizers(self):
         h = self.hparams
         trained = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self._strategy.optimizer(decay_groups(trained, h.weight_decay), h.learning_rate, tuple(h.adam_betas))
         total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = get_scheduler(
-            SCHEDULERS[h.lr_scheduler], optimizer,
-            num_warmup_steps=math.ceil(h.warmup_ratio * total_steps), num_training_steps=total_steps,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, h.lr_scheduler, h.warmup_ratio, total_steps)}

@@ -70,9 +70,13 @@ class StepPlan:
         supervised tokens): the same on every rank, and equal for a resumed run exactly when its plan counts the
         same samples as trained (another seed, batch size, packing or number of devices changes it)."""
         digest = hashlib.sha256()
-        for batch in self._global_batches(torch.Generator().manual_seed(self.seed + epoch))[:micro_batches]:
+        for batch in self.global_micro_batches(epoch)[:micro_batches]:
             digest.update(repr([(i, self.supervised_tokens[i]) for i in batch]).encode())
         return digest.hexdigest()[:16]
+
+    def global_micro_batches(self, epoch: int) -> list[list[int]]:
+        """The units of each micro-batch of ``epoch``, all ranks together, in the order they run (the same on every rank)."""
+        return self._global_batches(torch.Generator().manual_seed(self.seed + epoch))
 
     def _global_batches(self, generator: torch.Generator) -> list[list[int]]:
         """Each micro-batch of all ranks together, in the order they run."""

@@ -34,12 +34,15 @@ class DataSource(TypedDict):
         conversations: instead of a weight, exactly this many samples per epoch (a sample is a conversation, or
             one turn of it under a template that rewrites earlier turns).
         format: row shape of this source (``auto``, ``chatml``, ``sharegpt``, ``alpaca``); default ``data.format``.
+        name: what per-source metrics are logged under (``val_loss/<name>``); default the file or folder name
+            without its extension (numbered where two sources would share one).
     """
 
     path: str
     weight: NotRequired[float]
     conversations: NotRequired[int]
     format: NotRequired[Format]
+    name: NotRequired[str]
 
 
 Sources = Union[str, list[Union[str, DataSource]]]
@@ -54,6 +57,7 @@ class Source(NamedTuple):
     format: Format
     weight: Optional[float] = None
     conversations: Optional[int] = None
+    name: str = ""
 
 
 def resolve_sources(value: Sources, option: str, default_format: Format) -> list[Source]:
@@ -62,6 +66,12 @@ def resolve_sources(value: Sources, option: str, default_format: Format) -> list
     if not items:
         raise DataError(f"data.{option}: an empty list of sources")
     sources = [_source(item, option, default_format) for item in items]
+    names = [source.name for source in sources]
+    # Two sources may share a file name (train/a.json, extra/a.json): later ones are numbered.
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            names[i] = next(f"{name}_{n}" for n in range(2, len(names) + 2) if f"{name}_{n}" not in names)
+    sources = [source._replace(name=name) for source, name in zip(sources, names)]
     weighted = [s for s in sources if s.weight is not None]
     if len(weighted) == 1 and len(sources) > 1:
         raise DataError(f"data.{option}: {weighted[0].path}: a weight shares the epoch among the weighted sources and "
@@ -85,7 +95,16 @@ def _source(item: Union[str, os.PathLike, DataSource], option: str, default_form
         raise DataError(f"data.{option}: {path}: give a weight or a number of conversations, not both")
     if (weight is not None and not 0 < weight < math.inf) or (count is not None and count < 1):
         raise DataError(f"data.{option}: {path}: weight and conversations must be positive (and finite)")
-    return Source(path, source_files(path), source.get("format", default_format), weight, count)
+    name = source.get("name") or default_name(path)
+    return Source(path, source_files(path), source.get("format", default_format), weight, count, name)
+
+
+def default_name(path: str) -> str:
+    """A source's name from its path: the last part without its extension, glob characters dropped
+    (``data/code-*.jsonl``: ``code-``; a ``save_to_disk`` folder: the folder's name)."""
+    last = Path(path.rstrip("/\\"))
+    stem = last.stem if last.suffix in (".json", ".jsonl", ".parquet") else last.name
+    return "".join(char for char in stem if char not in GLOB_CHARACTERS + "]") or "source"
 
 
 def source_files(path: str) -> tuple[Path, ...]:

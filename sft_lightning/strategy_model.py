@@ -8,6 +8,7 @@ are DeepSpeed's and FSDP2's. :func:`strategy_model` picks one, once, when the mo
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -87,3 +88,16 @@ def strategy_model(strategy: Optional[Strategy], trains_adapters: bool) -> Strat
         raise ConfigError(f"{type(strategy).__name__}: for sharded training use sft_lightning.sharding.FSDP2Strategy")
     config = deepspeed_config(strategy)
     return StrategyModel() if config is None else DeepSpeedModel(strategy, config)
+
+
+# Our names to transformers' scheduler names; "constant" still warms up.
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def warmup_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int) -> dict:
+    """Lightning's per-step scheduler entry: a linear warmup over ``warmup_ratio`` of ``total_steps``, then ``name``."""
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(SCHEDULERS[name], optimizer, num_warmup_steps=math.ceil(warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return {"scheduler": scheduler, "interval": "step"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -92,6 +92,12 @@ class ThroughputLogger(Callback):
         self._counts = [0.0] * len(COUNTERS)  # summed on the host, reduced over ranks only when logging
         self._started = 0.0
         self._logged_step = -1
+        self._trained_by_source: Callable[[], dict[str, int]] = dict
+
+    def connect_sources(self, trained_by_source: Callable[[], dict[str, int]]) -> None:
+        """Also log ``train_tokens/<source>``: the supervised tokens trained from each source so far, all ranks
+        together (:meth:`ChatMLDataModule.trained_tokens_by_source`)."""
+        self._trained_by_source = trained_by_source
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
@@ -132,6 +138,7 @@ class ThroughputLogger(Callback):
             metrics["memory/peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         if self.available_flops:
             metrics["throughput/mfu"] = counts["flops"] / elapsed / (self.available_flops * trainer.world_size)
+        metrics.update({f"train_tokens/{name}": tokens for name, tokens in self._trained_by_source().items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -299,3 +299,41 @@ def test_data_check_reports_and_checks_each_source(sources, tmp_path, capsys, mo
     # Rendering and the model's generation_config once, five checks per source.
     assert report.count("PASS") == 2 + 2 * 5 and "train mixture (drawn once from data.seed 42" in report
     assert "source 1: generation_config" not in report
+
+
+def supervised_by_source(data: ChatMLDataModule, batch) -> dict[str, int]:
+    """Supervised tokens of an unpacked batch by source, read back from each row's text."""
+    found = {}
+    for row, labels in zip(batch.input_ids, batch.labels):
+        (name,) = re.findall(r"Source (\w+)\.", data.tokenizer.decode(row))
+        found[name] = found.get(name, 0) + int((labels != -100).sum())
+    return found
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_tokens_trained_per_source_are_what_every_rank_trained_together(sources, packing):
+    """``train_tokens/<source>`` comes from the plan on each rank alone: after k micro-batches on each of 2 ranks, the
+    supervised tokens both ranks' batches hold, by source; after the epoch, every drawn sample's."""
+    ranks = []
+    for rank in (0, 1):
+        data = ChatMLDataModule(train_path=[{"path": sources[n], "weight": w} for n, w in WEIGHTS.items()],
+                                tokenizer_path=TINY_QWEN, max_length=256, batch_size=4, cache_dir=None, packing=packing)
+        data.trainer = SimpleNamespace(num_devices=2, training=True, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        data.connect_layout(RunLayout(processes=2, rank=rank, data_parallel_size=2, data_parallel_rank=rank))
+        data.setup("fit")
+        loader = data.train_dataloader()
+        counts, trained = [], {}
+        for batch in loader:
+            data.on_before_batch_transfer(batch, 0)
+            if not packing and (batch.labels != -100).any():
+                for name, tokens in supervised_by_source(data, batch).items():
+                    trained[name] = trained.get(name, 0) + tokens
+            counts.append((dict(trained), data.trained_tokens_by_source()))
+        ranks.append(counts)
+    mixture = data.splits["train"]
+    drawn = {s.source.name: sum(s.supervised_tokens[i] for i in s.drawn) for s in mixture.sources}
+    assert ranks[0][-1][1] == ranks[1][-1][1] == drawn  # the names: each file's, without its extension
+    assert ranks[0][0][1] != drawn
+    if not packing:
+        for (mine, logged), (theirs, logged_there) in zip(*ranks):
+            assert logged == logged_there == {n: mine.get(n, 0) + theirs.get(n, 0) for n in drawn}
