@@ -20,6 +20,7 @@ from sft_lightning.export import export
 from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.memory import estimate
 from sft_lightning.preemption import Preempted
+from sft_lightning.prepare import prepare
 
 
 def function_parser(function: Callable, prog: Optional[str] = None, positional: bool = False) -> ArgumentParser:
@@ -41,18 +42,19 @@ def data_main(args: list[str]) -> None:
                             exit_on_error=False)
     subcommands = parser.add_subcommands()
     for name, function in DATA_COMMANDS.items():
-        command = function_parser(function, positional=name != "check")  # check --config C, like fit
+        command = function_parser(function, positional=name not in CONFIG_COMMANDS)  # check --config C, like fit
         subcommands.add_subcommand(name, command, help=command.description)
-    args, overrides = _config_overrides(args) if args[:1] == ["check"] else (args, [])
+    args, overrides = _config_overrides(args) if args[:1] and args[0] in CONFIG_COMMANDS else (args, [])
     # `--from sharegpt` reads better than the parameter's name.
     config = parser.parse_args(["--format" if arg == "--from" else arg for arg in args])
     name = config.subcommand
-    options = vars(config[name]) | ({"overrides": tuple(overrides)} if name == "check" else {})
+    options = vars(config[name]) | ({"overrides": tuple(overrides)} if name in CONFIG_COMMANDS else {})
     DATA_COMMANDS[name](**options)
 
 
 def _config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
-    """Split ``data check``'s own options from the ``--model.*``/``--data.*`` ones it passes to the fit parser."""
+    """Split ``data check``'s (or ``prepare``'s) own options from the ``--model.*``/``--data.*`` ones it passes to the
+    fit parser."""
     own, passed, rest = [], [], iter(args)
     for arg in rest:
         if arg.startswith(("--model.", "--data.")):
@@ -62,7 +64,8 @@ def _config_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     return own, passed
 
 
-DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check}
+DATA_COMMANDS = {"sample": sample, "convert": convert, "check": check, "prepare": prepare}
+CONFIG_COMMANDS = ("check", "prepare")  # --config C then fit's --model.* and --data.* options
 EXTRA_VERBS = {"export": export, "chat": chat, "estimate": estimate}
 
 

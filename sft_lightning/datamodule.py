@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from typing import Any, Optional
 
@@ -17,7 +18,7 @@ from sft_lightning.formats import Format
 from sft_lightning.layout import RunLayout, connected
 from sft_lightning.evaluation import HeldOutPrompt, held_out_prompts
 from sft_lightning.loaders import MicroBatchDataset, PromptDataset, ResumableLoader, collate_prompt_batch
-from sft_lightning.mixture import Mixture, SampleSet
+from sft_lightning.mixture import Mixture, SampleSet, WeightBy
 from sft_lightning.packing import pack_best_fit_decreasing, slice_packed
 from sft_lightning.records import OnInvalid, Record
 from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
@@ -51,6 +52,7 @@ class ChatMLDataModule(LightningDataModule):
         format: Format = "auto",
         system_message: SystemMessage = "auto",
         split_special_tokens: bool = False,
+        weight_by: WeightBy = "conversations",
     ) -> None:
         """Chat conversations (rows of ``{"messages": [...]}`` in JSON, JSONL, Parquet or a ``datasets`` folder)
         rendered with the model's template.
@@ -99,6 +101,9 @@ class ChatMLDataModule(LightningDataModule):
                 system message into the first user turn (``system + "\n\n" + user``, as such models are prompted;
                 counted in the setup summary), ``error`` refuses such conversations. Predict renders the same way,
                 and so does chat.
+            weight_by: what the weights of a list of sources share: ``conversations`` (samples) or ``tokens``
+                (supervised tokens: a source of long answers gets fewer samples for the same weight); the setup
+                summary shows both shares, planned and drawn.
             split_special_tokens: message text that spells a special token (``<|im_end|>``, ``<s>``) is an error,
                 as the tokenizer would read the token itself; true reads it as plain text (in training and
                 predict), while the template's own special tokens stay special.
@@ -111,6 +116,7 @@ class ChatMLDataModule(LightningDataModule):
         self._layout: Optional[RunLayout] = None
         self.splits: dict[str, Mixture | SampleSet] = {}  # and each evaluation source's samples, as val/<name>
         self._reported: set[str] = set()  # splits whose summary is printed
+        self._prepared: dict[str, float] = {}  # seconds each split took to tokenise or read on this process
         self._packed_rows: dict[str, list[list[int]]] = {}
         self._train_loader: Optional[ResumableLoader] = None
         self._source_tokens: Optional[tuple[int, np.ndarray]] = None  # (epoch, cumulative tokens per source)
@@ -158,17 +164,38 @@ class ChatMLDataModule(LightningDataModule):
                             split_special_tokens=h.split_special_tokens) for file in source.files]
             for source in sources
         ]
-        return Mixture(sources, parts, h.seed, f"{name}_path")
+        return Mixture(sources, parts, h.seed, f"{name}_path", h.weight_by)
+
+    def tokenized(self, name: str) -> Mixture:
+        """The ``train``, ``val`` or ``test`` split, tokenised (into the cache, or read from it) once and kept, with
+        how long that took (:meth:`preparation`)."""
+        if name not in self.splits:
+            self._load_tokenizer()
+            started = time.perf_counter()
+            self.splits[name] = self._tokenize(name)
+            self._prepared[name] = time.perf_counter() - started
+        return self.splits[name]
+
+    def preparation(self, name: str, seconds: Optional[float] = None) -> str:
+        """How long tokenising (or reading from the cache) a split took on this process, and at what rate."""
+        split, seconds = self.splits[name], self._prepared.get(name, 0.0) if seconds is None else seconds
+        cached = all(source.from_cache for source in split.sources)
+        read = sum(source.read for source in split.sources)
+        return (f"{name} prepared in {seconds:.1f} s: {read / max(seconds, 1e-9):,.0f} conversations/s"
+                f"{' (read from the cache)' if cached else ''}")
+
+    @property
+    def cache_folder(self) -> str:
+        return os.path.expanduser(self.hparams.cache_dir)
 
     def prepare_data(self) -> None:
         # One process per node tokenises into the cache; setup() on every rank then reads it from there.
         if self.hparams.cache_dir is None or self.trainer is None:
             return
-        self._load_tokenizer()
         for name in sum(self._split_names(self.trainer.state.fn.value), ()):
-            if self.hparams[f"{name}_path"] is not None and name not in self.splits:
+            if self.hparams[f"{name}_path"] is not None:
                 # Kept, so that setup() on this rank neither reads it back nor calls a fresh split "cached".
-                self.splits[name] = self._tokenize(name)
+                self.tokenized(name)
 
     def setup(self, stage: str) -> None:
         self._load_tokenizer()
@@ -178,11 +205,11 @@ class ChatMLDataModule(LightningDataModule):
                 if name in required:
                     raise DataError(f"data.{name}_path is required for {stage}")
                 continue
-            if name not in self.splits:
-                self.splits[name] = self._tokenize(name)
+            self.tokenized(name)
             if name not in self._reported:
                 self._reported.add(name)
                 rank_zero_info(self.splits[name].summary(name))
+                rank_zero_info(self.preparation(name))
                 rank_zero_info(f"{name} batching: {self.batching(name)}")
         if stage == "predict":
             if self.hparams.predict_path is None:

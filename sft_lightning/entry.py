@@ -42,6 +42,7 @@ tools:
   data sample    write example ChatML conversations
   data convert   ShareGPT or Alpaca to ChatML messages
   data check     a config's data as fit sees it: rendered samples, trained tokens, statistics, checks
+  data prepare   tokenise a config's data into its cache ahead of the GPU job
 
 example: sft-lightning fit --config configs/tiny.yaml"""
 

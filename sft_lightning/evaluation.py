@@ -76,7 +76,7 @@ def held_out_prompts(
 
 
 def answer_budget(answer_tokens: Sequence[int], most: int) -> int:
-    """New tokens allowed for a batch of prompts: twice its longest rendered reference answer plus 16, at most
+    """New tokens allowed for an answer: twice its rendered reference answer (the longest of them) plus 16, at most
     ``most``. An answer that runs past it would not match its reference, and a model that has not learnt to stop
     shows as well there as at ``most`` (``eval/ended_with_eot`` 0), for a fraction of the decoding steps."""
     return min(2 * max(answer_tokens) + 16, most)
@@ -120,8 +120,8 @@ class GenerationEval(Callback):
                 training ends.
             num_prompts: how many validation conversations are answered each time (a fixed subset, spread evenly
                 over the validation files); 0 turns the evaluation off.
-            max_new_tokens: most tokens of an answer (default: ``model.max_new_tokens``); each batch of prompts
-                stops sooner, at twice its longest reference answer (as the template renders it) plus 16 tokens.
+            max_new_tokens: most tokens of an answer (default: ``model.max_new_tokens``); each answer stops sooner,
+                at twice its reference answer (as the template renders it) plus 16 tokens.
             batch_size: prompts generated together on each device (with the KV cache).
             samples: prompt / answer / reference rows shown as text in the logger (TensorBoard, W&B, MLflow) and
                 written whole, every answer, to ``generations/stepNNNNNN.jsonl`` in the run's log directory.
@@ -190,8 +190,11 @@ class GenerationEval(Callback):
             for start in range(0, len(share), self.batch_size):
                 chosen = share[start : start + self.batch_size]
                 batch = collate_prompts([self._prompts[i].prompt_ids for i in chosen], pl_module.tokenizer.pad_token_id)
-                settings = GenerationSettings(answer_budget([self._prompts[i].answer_tokens for i in chosen], most))
-                answers.update(zip(chosen, pl_module.reply(batch.to(pl_module.device), settings)))
+                # Each answer gets its own budget, so that what it says does not depend on the prompts beside it (nor
+                # on the number of ranks); the batch decodes as long as its longest budget.
+                limits = [answer_budget([self._prompts[i].answer_tokens], most) for i in chosen]
+                settings = GenerationSettings(max(limits))
+                answers.update(zip(chosen, pl_module.reply(batch.to(pl_module.device), settings, limits)))
         finally:
             pl_module.train(was_training)
         if layout.distributed:

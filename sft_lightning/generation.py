@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -40,10 +40,13 @@ def generate_replies(
     stops: list[int],
     streamer=None,
     synced: bool = False,
+    limits: Optional[Sequence[int]] = None,
 ) -> list[Reply]:
     """Replies to left-padded prompts, cut at the first of ``stops`` (see ``render.stop_token_ids``) and
     decoded without special tokens. ``streamer``: a transformers streamer that receives tokens as they come.
-    ``synced``: the model is sharded over ranks (FSDP2, ZeRO-3), so every rank runs a forward until all are done."""
+    ``synced``: the model is sharded over ranks (FSDP2, ZeRO-3), so every rank runs a forward until all are done.
+    ``limits``: each row's own most new tokens (at most ``settings.max_new_tokens``): a reply is as if generated
+    alone, whichever rows share its batch."""
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -54,9 +57,11 @@ def generate_replies(
         **settings.kwargs(),
     )
     replies = []
-    for row in output[:, input_ids.shape[1] :].tolist():
+    rows = output[:, input_ids.shape[1] :].tolist()
+    for row, limit in zip(rows, limits or [settings.max_new_tokens] * len(rows)):
+        row = row[:limit]
         end = next((i for i, token in enumerate(row) if token in stops), None)
-        # Rows that stopped early are padded to the longest; a row that never stopped used every new token.
+        # Rows that stopped early are padded to the longest; a row that never stopped used every new token it had.
         tokens = len(row) if end is None else end + 1
         replies.append(Reply(tokenizer.decode(row[:end], skip_special_tokens=True), end is not None, tokens))
     return replies

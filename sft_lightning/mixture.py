@@ -16,13 +16,30 @@ import hashlib
 import math
 from collections import Counter
 from functools import cached_property
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 
 from sft_lightning.errors import DataError
 from sft_lightning.sources import Source
 from sft_lightning.tokenized import TokenizedSplit, split_summary
+
+
+WeightBy = Literal["conversations", "tokens"]
+
+
+def token_quotas(sizes: list[int], tokens: list[int], weights: list[Optional[float]],
+                 counts: list[Optional[int]]) -> list[int]:
+    """Samples per epoch from each source when weights share supervised tokens: a weighted source's quota is its share
+    of the weighted sources' combined supervised tokens divided by its own mean per sample (rounded, at least one
+    sample); counts and unweighted sources as in :func:`quotas`."""
+    result = quotas(sizes, [None] * len(sizes), counts)
+    weighted = [i for i, weight in enumerate(weights) if weight is not None]
+    total, weight_sum = sum(tokens[i] for i in weighted), sum(weights[i] for i in weighted)
+    for i in weighted:
+        mean = tokens[i] / sizes[i] if tokens[i] else 1.0
+        result[i] = max(round(weights[i] / weight_sum * total / mean), 1)
+    return result
 
 
 def quotas(sizes: list[int], weights: list[Optional[float]], counts: list[Optional[int]]) -> list[int]:
@@ -99,9 +116,16 @@ class SourceSamples(SampleSet):
 class Mixture(SampleSet):
     """A split as trained on: the samples drawn from each source (:attr:`sources`), one after another."""
 
-    def __init__(self, sources: list[Source], parts: list[list[TokenizedSplit]], seed: int, option: str) -> None:
+    def __init__(self, sources: list[Source], parts: list[list[TokenizedSplit]], seed: int, option: str,
+                 weight_by: WeightBy = "conversations") -> None:
         sizes = [sum(len(p) for p in files) for files in parts]
-        planned = quotas(sizes, [s.weight for s in sources], [s.conversations for s in sources])
+        weights, counts = [s.weight for s in sources], [s.conversations for s in sources]
+        self.weight_by = weight_by
+        if weight_by == "tokens":
+            tokens = [sum(sum(p.supervised_tokens) for p in files) for files in parts]
+            planned = token_quotas(sizes, tokens, weights, counts)
+        else:
+            planned = quotas(sizes, weights, counts)
         for source, quota in zip(sources, planned):
             if quota == 0:
                 raise DataError(f"data.{option}: {source.path}: weight {source.weight:g} is too small to draw a single sample")
@@ -163,10 +187,16 @@ class Mixture(SampleSet):
         lines.append(f"{name} mixture (drawn once from data.seed {self.seed}): {len(self)} samples per epoch, "
                      f"{total_tokens} supervised tokens")
         expected = [len(s.drawn) * sum(s.supervised_tokens) / len(s) for s in self.sources]
+        weighted = [i for i, s in enumerate(self.sources) if s.source.weight is not None]
+        if self.weight_by == "tokens" and weighted:  # the weights share the weighted sources' tokens exactly
+            pool, weight_sum = sum(expected[i] for i in weighted), sum(self.sources[i].source.weight for i in weighted)
+            for i in weighted:
+                expected[i] = self.sources[i].source.weight / weight_sum * pool
         for i, (source, tokens_planned) in enumerate(zip(self.sources, expected)):
             tokens = sum(source.supervised_tokens[j] for j in source.drawn)
             lines.append(
-                f"  {i + 1} {source.source.path} ({_share_setting(source.source)}): samples {_planned_share(source, self)} "
+                f"  {i + 1} {source.source.path} ({_share_setting(source.source, self.weight_by)}): samples "
+                f"{_planned_share(source, self) if self.weight_by == 'conversations' else f'{len(source.drawn) / len(self):.1%}'} "
                 f"planned, {len(source.drawn)} drawn = {len(source.drawn) / len(self):.1%} ({_repeats(source)}); "
                 f"supervised tokens {tokens_planned / sum(expected):.1%} planned, {tokens} drawn = "
                 f"{tokens / max(total_tokens, 1):.1%}"
@@ -174,9 +204,9 @@ class Mixture(SampleSet):
         return "\n".join(lines)
 
 
-def _share_setting(source: Source) -> str:
+def _share_setting(source: Source, weight_by: WeightBy = "conversations") -> str:
     if source.weight is not None:
-        return f"weight {source.weight:g}"
+        return f"weight {source.weight:g}" + (" of supervised tokens" if weight_by == "tokens" else "")
     return f"conversations {source.conversations}" if source.conversations is not None else "every sample once"
 
 

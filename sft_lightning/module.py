@@ -276,13 +276,15 @@ class SFTLitModule(LightningModule):
         totals, per_source = self.test_metrics.compute("test")
         self.log_dict({**totals, **per_source})
 
-    def reply(self, batch: PromptBatch, settings: Optional[GenerationSettings] = None) -> list[Reply]:
+    def reply(self, batch: PromptBatch, settings: Optional[GenerationSettings] = None,
+              limits: Optional[list[int]] = None) -> list[Reply]:
         """Answers to left-padded prompts (predict; evaluation while training), by default with
-        :attr:`generation_settings`. A sharded model (FSDP2, ZeRO-3) needs every rank to call this as often."""
+        :attr:`generation_settings`; ``limits``: see :func:`generate_replies`. A sharded model (FSDP2, ZeRO-3) needs
+        every rank to call this as often."""
         self._strategy.before_forward(self.model)
         return generate_replies(
             self.model, self.tokenizer, batch.input_ids, batch.attention_mask, settings or self.generation_settings,
-            self.stop_ids, synced=self._strategy.sharded and self.layout.distributed,
+            self.stop_ids, synced=self._strategy.sharded and self.layout.distributed, limits=limits,
         )
 
     def predict_step(self, batch, batch_idx):

@@ -9,6 +9,7 @@ import pytest
 
 from sft_lightning.cli import cli_main
 from sft_lightning.data_check import foreign_text
+from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.data import create_chatml_sample, save_chatml_data
 from sft_lightning.errors import DataError
 from sft_lightning.records import read_records
@@ -139,3 +140,22 @@ def test_a_trained_span_with_another_roles_text_is_found():
     assert foreign_text(messages, tools, ["How warm is it in Berlin?[/INST]21 degrees.</s>"]) == ("user", "How warm is it in Berlin?")
     assert foreign_text(messages, tools, ['"Get the weather of a city"}][/AVAILABLE_TOOLS]']) == ("tool schema", "Get the weather of a city")
     assert foreign_text(messages, tools, ["Yes: ok"]) is None  # short texts are not compared
+
+
+def test_data_prepare_tokenises_into_the_cache_that_fit_then_reads(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cache = tmp_path / "cache"
+    cli_main(["data", "prepare", "--config", "configs/tiny.yaml", f"--data.cache_dir={cache}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("train (data/chatml_data.json): 320 conversations read")
+    assert re.fullmatch(r"train prepared in \d+\.\d s: [\d,]+ conversations/s", out[1])
+    assert out[2].startswith("val (data/chatml_val.json): 40 conversations read")
+    assert out[-1] == f"cache: {cache}"
+    # Copied elsewhere (another machine), the cache serves the same config: nothing is tokenised again.
+    moved = tmp_path / "elsewhere"
+    cache.rename(moved)
+    data = ChatMLDataModule(train_path="data/chatml_data.json", val_path="data/chatml_val.json", tokenizer_path=TINY_QWEN,
+                            max_length=256, cache_dir=str(moved))
+    data.setup("fit")
+    assert all(source.from_cache for name in ("train", "val") for source in data.splits[name].sources)
+    assert data.preparation("train").endswith("(read from the cache)")

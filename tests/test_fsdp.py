@@ -151,6 +151,11 @@ def test_fsdp_preset_on_two_processes_resumes_and_equals_one_process(arch, tmp_p
     assert moved > 5e-3  # training moved the weights far beyond the tolerance below (seen: 1.0e-2 moved, 4e-7 apart)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-4, msg=name)
+    # Evaluation while training at the end: each sharded rank answered its share, every forward synced; the answers
+    # are one process's.
+    answers = [[json.loads(line)["answer"] for line in (run / "generations" / "step000020.jsonl").read_text().splitlines()]
+               for run in (sharded / "lightning_logs" / "version_1", single / "lightning_logs" / "version_0")]
+    assert len(answers[0]) > 1 and answers[0] == answers[1]
     if arch == "qwen2":
         predict_on_one_and_two_ranks(preset, model, sharded / "lightning_logs" / "version_1", tmp_path)
 

@@ -16,7 +16,7 @@ from sft_lightning.data import example_conversations, save_chatml_data
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.errors import DataError
 from sft_lightning.loaders import PromptDataset
-from sft_lightning.mixture import draw, quotas
+from sft_lightning.mixture import draw, quotas, token_quotas
 from sft_lightning.preflight import preflight
 from sft_lightning.records import read_records
 from sft_lightning.render import load_tokenizer
@@ -337,3 +337,21 @@ def test_tokens_trained_per_source_are_what_every_rank_trained_together(sources,
     if not packing:
         for (mine, logged), (theirs, logged_there) in zip(*ranks):
             assert logged == logged_there == {n: mine.get(n, 0) + theirs.get(n, 0) for n in drawn}
+
+
+def test_token_quotas_share_supervised_tokens():
+    # Means of 10 and 40 supervised tokens a sample: equal weights give each 2,500 of the 5,000 tokens.
+    assert token_quotas([100, 100], [1000, 4000], [0.5, 0.5], [None, None]) == [250, 62]
+    assert token_quotas([100, 100, 7], [1000, 4000, 70], [1.0, 1.0, None], [None, None, 3]) == [250, 62, 3]
+
+
+def test_weights_in_supervised_tokens_draw_that_share_of_tokens(sources):
+    data = mixed(sources, {"general": 0.5, "domain": 0.5}, weight_by="tokens")
+    lines = data.splits["train"].summary("train").splitlines()
+    shares = re.findall(r"\(weight 0.5 of supervised tokens\): samples [\d.]+% planned, \d+ drawn = [\d.]+% .*; "
+                        r"supervised tokens ([\d.]+)% planned, \d+ drawn = ([\d.]+)%", "\n".join(lines))
+    assert len(shares) == 2
+    for planned, drawn in shares:
+        assert float(planned) == 50.0 and abs(float(drawn) - 50.0) < 1.0
+    by_samples = mixed(sources, {"general": 0.5, "domain": 0.5})
+    assert data.splits["train"].fingerprint() != by_samples.splits["train"].fingerprint()  # a resume tells them apart
