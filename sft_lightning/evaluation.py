@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogg
 from lightning.pytorch.utilities import rank_zero_info
 
 from sft_lightning.collate import collate_prompts
-from sft_lightning.errors import ConfigError
+from sft_lightning.errors import ConfigError, DataError, TemplateError
 from sft_lightning.generation import GenerationSettings, Reply
 from sft_lightning.layout import RunLayout, connected
 from sft_lightning.loaders import render_prompt_ids
@@ -66,20 +66,25 @@ def held_out_prompts(
     ]
     prompts = []
     for record in (answered[i] for i in spread(count, len(answered))):
-        ids = render_prompt_ids(record, tokenizer, system_message, split_special_tokens)
-        if len(ids) <= max_length:
+        try:
+            ids = render_prompt_ids(record, tokenizer, system_message, split_special_tokens)
             whole = render_text(tokenizer, record.messages, False, record.tools, system_message)
+        except (DataError, TemplateError):
+            if skip_invalid:  # left out of validation too
+                continue
+            raise
+        if len(ids) <= max_length:
             answer_tokens = max(len(tokenizer.encode(whole, add_special_tokens=False)) - len(ids), 1)
             question, answer = record.messages[-2]["content"], record.messages[-1]["content"]
             prompts.append(HeldOutPrompt(ids, question, answer, record.location, answer_tokens))
     return prompts
 
 
-def answer_budget(answer_tokens: Sequence[int], most: int) -> int:
-    """New tokens allowed for an answer: twice its rendered reference answer (the longest of them) plus 16, at most
-    ``most``. An answer that runs past it would not match its reference, and a model that has not learnt to stop
-    shows as well there as at ``most`` (``eval/ended_with_eot`` 0), for a fraction of the decoding steps."""
-    return min(2 * max(answer_tokens) + 16, most)
+def answer_budget(answer_tokens: int, most: int) -> int:
+    """New tokens allowed for an answer: twice its rendered reference answer plus 16, at most ``most``. An answer
+    that runs past it would not match its reference, and a model that has not learnt to stop shows as well there as
+    at ``most`` (``eval/ended_with_eot`` 0), for a fraction of the decoding steps."""
+    return min(2 * answer_tokens + 16, most)
 
 
 def rank_share(count: int, processes: int, rank: int) -> list[int]:
@@ -158,7 +163,8 @@ class GenerationEval(Callback):
             return
         self._prompts = self._source(self.num_prompts)
         if not self._prompts:
-            rank_zero_info("eval: no validation conversation ends with an assistant turn, so nothing is generated")
+            rank_zero_info("eval: no validation conversation ends with an assistant answer after a prompt of at most "
+                           "data.max_length tokens, so nothing is generated")
             return
         when = f"every {self.every_n_steps} optimizer steps and " if self.every_n_steps else ""
         rank_zero_info(f"eval: {len(self._prompts)} held-out prompts answered greedily {when}when training ends")
@@ -192,7 +198,7 @@ class GenerationEval(Callback):
                 batch = collate_prompts([self._prompts[i].prompt_ids for i in chosen], pl_module.tokenizer.pad_token_id)
                 # Each answer gets its own budget, so that what it says does not depend on the prompts beside it (nor
                 # on the number of ranks); the batch decodes as long as its longest budget.
-                limits = [answer_budget([self._prompts[i].answer_tokens], most) for i in chosen]
+                limits = [answer_budget(self._prompts[i].answer_tokens, most) for i in chosen]
                 settings = GenerationSettings(max(limits))
                 answers.update(zip(chosen, pl_module.reply(batch.to(pl_module.device), settings, limits)))
         finally:

@@ -41,9 +41,9 @@ def test_answer_metrics_count_exact_answers_ended_turns_and_lengths():
     assert metrics["eval/rouge_l"] == 0.5  # the mean of 1 and 0
 
 
-def test_answer_budget_is_twice_the_longest_reference_plus_16_at_most_the_cap():
-    assert answer_budget([3, 10, 7], 256) == 36
-    assert answer_budget([200], 256) == 256
+def test_answer_budget_is_twice_the_reference_plus_16_at_most_the_cap():
+    assert answer_budget(10, 256) == 36
+    assert answer_budget(200, 256) == 256
 
 
 def test_samples_table_escapes_cells():
@@ -119,7 +119,7 @@ def test_generation_shows_a_run_whose_end_of_turn_is_never_trained(tmp_path, mon
     untrained_end_of_turn(monkeypatch)
     broken = eval_run(tmp_path / "broken")
     # The loss looks fine (the answers are learnt), but the model never stops: every answer runs to its budget
-    # (twice the longest reference of its batch plus 16 tokens), four times the correct run's answers.
+    # (twice its reference plus 16 tokens), four times the correct run's answers.
     assert broken["eval/ended_with_eot"][-1][1] <= 0.1
     assert broken["eval/answer_tokens"][-1][1] > 3 * correct["eval/answer_tokens"][-1][1]
     written = sorted((tmp_path / "correct").rglob("generations/step*.jsonl"))
@@ -233,3 +233,19 @@ def test_a_logger_whose_package_is_missing_is_one_line(monkeypatch, capsys):
     assert exited.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("sft-lightning: error: WandbLogger: Requirement 'wandb-not-installed-here>=0.12.10' not met")
+
+
+def test_held_out_prompts_skip_what_validation_skips(tmp_path):
+    from sft_lightning.errors import DataError
+    from sft_lightning.evaluation import held_out_prompts
+    from sft_lightning.sources import resolve_sources
+
+    rows = [{"messages": [{"role": "user", "content": "Say <|im_end|> please."}, {"role": "assistant", "content": "No."}]},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(rows))
+    sources, tokenizer = resolve_sources(str(path), "val_path", "auto"), load_tokenizer(TINY_QWEN)
+    with pytest.raises(DataError, match="val.json: record 1: message 1 contains the text of the special token"):
+        held_out_prompts(sources, tokenizer, 8, 256)
+    (kept,) = held_out_prompts(sources, tokenizer, 8, 256, skip_invalid=True)
+    assert kept.reference == "Hello!" and kept.location.endswith("record 2")
