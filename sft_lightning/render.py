@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from os.path import commonprefix
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple, Optional
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -154,15 +154,25 @@ class _Encoder(NamedTuple):
 
     tokenizer: PreTrainedTokenizerBase
     literals: tuple[str, ...] = ()
+    # Each text tokenised once per conversation: a turn's prompt and the whole conversation come back several times.
+    done: Optional[dict] = None
 
     @classmethod
     def of(cls, messages: list[dict], tokenizer, specials: "_Specials", split_special_tokens: bool) -> "_Encoder":
         if not split_special_tokens:
-            return cls(tokenizer)
+            return cls(tokenizer, (), {})
         contents = {m["content"] for m in messages if any(token in m["content"] for token in specials.texts)}
-        return cls(tokenizer, tuple(sorted(contents, key=len, reverse=True)))
+        return cls(tokenizer, tuple(sorted(contents, key=len, reverse=True)), {})
 
     def __call__(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, offsets) of ``text``: the same lists for the same text (callers never change them in place)."""
+        if self.done is None:
+            return self._encode(text)
+        if text not in self.done:
+            self.done[text] = self._encode(text)
+        return self.done[text]
+
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         spans = sorted({(found, found + len(literal)) for literal in self.literals for found in _occurrences(text, literal)})
         ids, offsets, position = [], [], 0
         for start, end in [*spans, (len(text), len(text))]:
@@ -215,7 +225,7 @@ def training_samples(
     if not split_special_tokens:
         _refuse_special_text(messages, specials)
     encode = _Encoder.of(messages, tokenizer, specials, split_special_tokens)
-    render = partial(render_text, tokenizer, tools=tools, system_message=system_message)
+    render = _prefix_renders(messages, partial(render_text, tokenizer, tools=tools, system_message=system_message))
     whole = render(messages, False)
     if tools and _ignores_tools(tokenizer, messages, whole, system_message):
         raise TemplateError(
@@ -247,6 +257,23 @@ def training_samples(
         ids, labels = ids + tail, labels + [IGNORE_INDEX] * len(tail)
         differs = "" if ids == encode(whole)[0] else "boundary"
     return [_cut(ids, labels, max_length, differs)]
+
+
+def _prefix_renders(messages: list[dict], render) -> Callable[[list[dict], bool], str]:
+    """``render(shown, add_generation_prompt)`` done once for each prefix of ``messages`` (a template renders the same
+    text for the same messages; the last turn's conversation is the whole one, rendered again otherwise); any other
+    list (a probe turn appended) is rendered each time."""
+    done: dict[tuple[int, bool], str] = {}
+
+    def rendered(shown: list[dict], add_generation_prompt: bool) -> str:
+        if len(shown) > len(messages) or any(a is not b for a, b in zip(shown, messages)):
+            return render(shown, add_generation_prompt)
+        key = (len(shown), add_generation_prompt)
+        if key not in done:
+            done[key] = render(shown, add_generation_prompt)
+        return done[key]
+
+    return rendered
 
 
 def _ignores_tools(tokenizer, messages: list[dict], whole: str, system_message: SystemMessage) -> bool:
