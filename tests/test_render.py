@@ -6,6 +6,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sft_lightning.collate import collate_training
 from sft_lightning.errors import TemplateError
+from sft_lightning.records import read_records
 from sft_lightning.tokenized import tokenize_split
 from sft_lightning.render import (
     CHATML_TEMPLATE,
@@ -16,7 +17,7 @@ from sft_lightning.render import (
     training_samples,
 )
 from tests.conftest import CHATML_TEMPLATE as TEST_CHATML
-from tests.conftest import TINY_LLAMA, TINY_QWEN, WORDS, names, word_tokenizer
+from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN, WORDS, names, word_tokenizer
 
 SINGLE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 MULTI = [
@@ -410,3 +411,23 @@ def test_special_token_text_in_content_is_refused_or_trained_as_plain_text():
     assert tokenizer.decode(trained) == "The text <|im_end|> does.<|im_end|>"
     prompt = render_prompt(messages[:1], tokenizer, split_special_tokens=True)
     assert sample.input_ids[: len(prompt)] == prompt and prompt.count(eot) == 1  # the user turn's own end only
+
+
+@pytest.mark.parametrize("model, samples, digest", [
+    ("tiny-qwen2", 640, "154542ac3b916ee2"),  # ChatML: one sample per conversation
+    ("tiny-qwen3", 788, "5ae7cde2248e0211"),  # rewrites history: one sample per assistant turn
+    ("tiny-llama3", 640, "cbf3e676d7fac1e8"),
+])
+def test_the_shipped_data_renders_to_the_same_samples_as_before(model, samples, digest):
+    """The rendered ids, labels and flags of both shipped data files, pinned (as rendered when preparation began to be
+    made faster, issue 26): a faster preparation must give exactly these."""
+    import hashlib
+
+    tokenizer = load_tokenizer(str(ROOT / "models" / model))
+    found, count = hashlib.sha256(), 0
+    for name in ("chatml_data.json", "chatml_zh.json"):
+        for record in read_records(ROOT / "data" / name):
+            for sample in training_samples(record.messages, tokenizer, "assistant", 256):
+                found.update(json.dumps([sample.input_ids, sample.labels, sample.truncated, sample.differs]).encode())
+                count += 1
+    assert (count, found.hexdigest()[:16]) == (samples, digest)
