@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from sft_lightning.checkpointing import run_folder
 from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.data import create_chatml_sample, save_chatml_data
 from sft_lightning.errors import ConfigError
@@ -98,7 +99,7 @@ def train(config: Union[str, Path, dict] = "tiny", overrides: Optional[dict[str,
         flags = [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in (overrides or {}).items()]
         cli = SFTLightningCLI(args=["fit", "--config", str(path), *flags])
     callback = cli.trainer.checkpoint_callback
-    log_dir = callback.run_folder if callback is not None else Path(cli.trainer.log_dir)
+    log_dir = run_folder(cli.trainer)
     checkpoint = callback and (callback.best_model_path or callback.last_model_path)
     hf_model = log_dir / "hf_model"
     return TrainResult(log_dir, Path(checkpoint) if checkpoint else None, hf_model if hf_model.is_dir() else None)

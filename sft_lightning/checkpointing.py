@@ -94,6 +94,15 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, candidates)
 
 
+def run_folder(trainer) -> Optional[Path]:
+    """The run's own folder, where ``checkpoints/``, ``hf_model/`` and ``generations/`` go: the checkpoint callback's
+    (:attr:`ResumableCheckpoint.run_folder`), else the trainer's ``log_dir`` (a broadcast: ask on every rank)."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ResumableCheckpoint) and callback.dirpath:
+        return callback.run_folder
+    return None if trainer.log_dir is None else Path(trainer.log_dir)
+
+
 def newest_checkpoint(root: str | Path) -> Optional[Path]:
     """The most recently written ``*.ckpt`` under ``root`` (every version of the run), or None."""
     # Sharded checkpoints (FSDP, DeepSpeed) are folders named like files.

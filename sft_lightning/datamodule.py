@@ -176,9 +176,9 @@ class ChatMLDataModule(LightningDataModule):
             self._prepared[name] = time.perf_counter() - started
         return self.splits[name]
 
-    def preparation(self, name: str, seconds: Optional[float] = None) -> str:
+    def preparation(self, name: str) -> str:
         """How long tokenising (or reading from the cache) a split took on this process, and at what rate."""
-        split, seconds = self.splits[name], self._prepared.get(name, 0.0) if seconds is None else seconds
+        split, seconds = self.splits[name], self._prepared.get(name, 0.0)
         cached = all(source.from_cache for source in split.sources)
         read = sum(source.read for source in split.sources)
         return (f"{name} prepared in {seconds:.1f} s: {read / max(seconds, 1e-9):,.0f} conversations/s"
@@ -363,7 +363,8 @@ class ChatMLDataModule(LightningDataModule):
         loaders = []
         for source in mixture.sources:
             part = f"{name}/{source.source.name}"
-            self.splits.setdefault(part, SampleSet(source.parts, source.drawn))
+            if part not in self.splits:
+                self.splits[part] = SampleSet(source.parts, source.drawn)
             loaders.append(self._loader(part, training=False))
         return loaders
 

@@ -22,6 +22,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from sft_lightning.checkpointing import run_folder
 from sft_lightning.collate import collate_prompts
 from sft_lightning.errors import ConfigError, DataError, TemplateError
 from sft_lightning.generation import GenerationSettings, Reply
@@ -96,7 +97,7 @@ def rank_share(count: int, processes: int, rank: int) -> list[int]:
 
 def answer_metrics(replies: Sequence[Reply], references: Sequence[str], tokenize: Tokenize) -> dict[str, float]:
     """The logged figures of one evaluation: exact match, BLEU and ROUGE-L against the references, the share of
-    answers that ended with the end-of-turn token (not cut by ``max_new_tokens``) and their mean length in tokens."""
+    answers that ended with the end-of-turn token (not cut at their budget) and their mean length in tokens."""
     scores = generation_metrics([r.text for r in replies], list(references), tokenize)
     return {
         "eval/exact_match": scores["exact_match"],
@@ -129,7 +130,7 @@ class GenerationEval(Callback):
                 at twice its reference answer (as the template renders it) plus 16 tokens.
             batch_size: prompts generated together on each device (with the KV cache).
             samples: prompt / answer / reference rows shown as text in the logger (TensorBoard, W&B, MLflow) and
-                written whole, every answer, to ``generations/stepNNNNNN.jsonl`` in the run's log directory.
+                written whole, every answer, to ``generations/stepNNNNNN.jsonl`` in the run's folder (beside ``checkpoints/``).
             tokenize: sacreBLEU tokenisation of BLEU and ROUGE-L (``auto``: ``zh`` when a reference has CJK text).
 
         Logged: ``eval/exact_match``, ``eval/bleu``, ``eval/rouge_l``, ``eval/ended_with_eot`` (the share of answers
@@ -209,7 +210,7 @@ class GenerationEval(Callback):
             answers = {i: reply for part in gathered for i, reply in part.items()}
         replies = [answers[i] for i in range(len(self._prompts))]
         metrics = answer_metrics(replies, [p.reference for p in self._prompts], self.tokenize)
-        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank asks
+        folder = run_folder(trainer)  # may be a broadcast from rank 0: every rank asks
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         # Beside the validation metrics, so a checkpoint or early stopping may monitor them.
@@ -217,7 +218,7 @@ class GenerationEval(Callback):
         if trainer.is_global_zero:
             rows = [{"location": p.location, "question": p.question, "answer": r.text, "reference": p.reference,
                      "ended_with_eot": r.stopped, "tokens": r.tokens} for p, r in zip(self._prompts, replies)]
-            self._write(rows, step, log_dir, trainer.loggers)
+            self._write(rows, step, folder, trainer.loggers)
         rank_zero_info(
             f"eval at step {step}: {len(replies)} answers, exact match {metrics['eval/exact_match']:.3f}, BLEU "
             f"{metrics['eval/bleu']:.3f}, ROUGE-L {metrics['eval/rouge_l']:.3f}, ended with end-of-turn "
@@ -226,9 +227,9 @@ class GenerationEval(Callback):
         )
         return metrics
 
-    def _write(self, rows: list[dict], step: int, log_dir: Optional[str], loggers) -> None:
-        if log_dir is not None:
-            path = Path(log_dir) / "generations" / f"step{step:06d}.jsonl"
+    def _write(self, rows: list[dict], step: int, folder: Optional[Path], loggers) -> None:
+        if folder is not None:
+            path = folder / "generations" / f"step{step:06d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         if self.samples:

@@ -196,8 +196,8 @@ class Mixture(SampleSet):
             tokens = sum(source.supervised_tokens[j] for j in source.drawn)
             lines.append(
                 f"  {i + 1} {source.source.path} ({_share_setting(source.source, self.weight_by)}): samples "
-                f"{_planned_share(source, self) if self.weight_by == 'conversations' else f'{len(source.drawn) / len(self):.1%}'} "
-                f"planned, {len(source.drawn)} drawn = {len(source.drawn) / len(self):.1%} ({_repeats(source)}); "
+                f"{_planned_share(source, self)} planned, {len(source.drawn)} drawn = "
+                f"{len(source.drawn) / len(self):.1%} ({_repeats(source)}); "
                 f"supervised tokens {tokens_planned / sum(expected):.1%} planned, {tokens} drawn = "
                 f"{tokens / max(total_tokens, 1):.1%}"
             )
@@ -211,9 +211,10 @@ def _share_setting(source: Source, weight_by: WeightBy = "conversations") -> str
 
 
 def _planned_share(source: SourceSamples, mixture: Mixture) -> str:
-    """The share the settings ask for, before rounding to whole samples."""
+    """The share of samples the settings ask for, before rounding to whole samples (weights in supervised tokens ask
+    for a share of tokens: the samples are what that share drew)."""
     weighted = [s for s in mixture.sources if s.source.weight is not None]
-    if source.source.weight is None:
+    if source.source.weight is None or mixture.weight_by == "tokens":
         return f"{len(source.drawn) / len(mixture):.1%}"
     weighted_size = sum(len(s.drawn) for s in weighted)
     exact = source.source.weight / sum(s.source.weight for s in weighted) * weighted_size

@@ -8,8 +8,6 @@ folder copied to another machine, or to shared storage, serves the same config t
 
 from __future__ import annotations
 
-import time
-
 from sft_lightning.data_check import TRAINER_OVERRIDES
 from sft_lightning.errors import ConfigError
 from sft_lightning.lightning_cli import SFTLightningCLI
@@ -32,8 +30,6 @@ def prepare(config: str, overrides: tuple[str, ...] = ()) -> None:
     for name in SPLITS:
         if data.hparams[f"{name}_path"] is None:
             continue
-        started = time.perf_counter()
-        split = data.tokenized(name)
-        print(split.summary(name))
-        print(data.preparation(name, time.perf_counter() - started))
+        print(data.tokenized(name).summary(name))
+        print(data.preparation(name))
     print(f"cache: {data.cache_folder}")

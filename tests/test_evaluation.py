@@ -216,6 +216,9 @@ def test_each_logger_records_the_metrics_hparams_and_export_folder(kind, tmp_pat
     assert TAGS <= names, sorted(names)
     (exported,) = tmp_path.rglob("hf_model")
     assert (exported / "config.json").is_file()
+    # Every answer beside the run's checkpoints, whatever the logger's own folders (MLflow's database has none).
+    written_steps = sorted(path.name for path in (exported.parent / "generations").glob("step*.jsonl"))
+    assert written_steps == ["step000003.jsonl", "step000006.jsonl"]
     assert str(hparams["exported_model"]) == str(exported)
     assert str(hparams["model_name_or_path"]).endswith("models/tiny-qwen2")
 
