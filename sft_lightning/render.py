@@ -17,10 +17,12 @@ import re
 from dataclasses import dataclass
 from functools import partial
 from os.path import commonprefix
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from sft_lightning import render_once
+from sft_lightning.encoding import Encoder, Pieces
 from sft_lightning.errors import TemplateError, loading
 
 IGNORE_INDEX = -100
@@ -134,7 +136,7 @@ def render_prompt(
     specials = _special_tokens(tokenizer)
     if not split_special_tokens:
         _refuse_special_text(messages, specials)
-    encode = _Encoder.of(messages, tokenizer, specials, split_special_tokens)
+    encode = Encoder.of(messages, Pieces(tokenizer), specials.texts, split_special_tokens)
     return encode(render_text(tokenizer, messages, True, tools, system_message))[0]
 
 
@@ -146,54 +148,6 @@ def _refuse_special_text(messages: list[dict], specials: "_Specials") -> None:
                 f"message {index + 1} contains the text of the special token {inside!r}, which the tokenizer would "
                 "read as the token itself: remove it, or set data.split_special_tokens true to train it as plain text"
             )
-
-
-class _Encoder(NamedTuple):
-    """Text to (ids, character offsets). Special-token text inside ``literals`` (message contents, under
-    ``split_special_tokens``) is tokenised as plain text; the template's own special tokens stay special."""
-
-    tokenizer: PreTrainedTokenizerBase
-    literals: tuple[str, ...] = ()
-    # Each text tokenised once per conversation: a turn's prompt and the whole conversation come back several times.
-    done: Optional[dict] = None
-
-    @classmethod
-    def of(cls, messages: list[dict], tokenizer, specials: "_Specials", split_special_tokens: bool) -> "_Encoder":
-        if not split_special_tokens:
-            return cls(tokenizer, (), {})
-        contents = {m["content"] for m in messages if any(token in m["content"] for token in specials.texts)}
-        return cls(tokenizer, tuple(sorted(contents, key=len, reverse=True)), {})
-
-    def __call__(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """(ids, offsets) of ``text``: the same lists for the same text (callers never change them in place)."""
-        if self.done is None:
-            return self._encode(text)
-        if text not in self.done:
-            self.done[text] = self._encode(text)
-        return self.done[text]
-
-    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        spans = sorted({(found, found + len(literal)) for literal in self.literals for found in _occurrences(text, literal)})
-        ids, offsets, position = [], [], 0
-        for start, end in [*spans, (len(text), len(text))]:
-            if start < position:  # inside a longer literal already taken
-                continue
-            for piece, split in ((text[position:start], False), (text[start:end], True)):
-                if piece:
-                    encoding = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=split,
-                                              return_offsets_mapping=True)
-                    ids += encoding["input_ids"]
-                    offsets += [(a + position, b + position) for a, b in encoding["offset_mapping"]]
-                position += len(piece)
-        return ids, offsets
-
-
-def _occurrences(text: str, literal: str) -> list[int]:
-    found, start = [], text.find(literal)
-    while start >= 0:
-        found.append(start)
-        start = text.find(literal, start + len(literal))
-    return found
 
 
 def training_samples(
@@ -221,12 +175,68 @@ def training_samples(
     :func:`render_text`. A message whose content holds the text of a special token (``<|im_end|>``) is an error,
     as the tokenizer would read the token itself; ``split_special_tokens`` reads such text as plain text instead.
     """
-    specials = _special_tokens(tokenizer)
-    if not split_special_tokens:
-        _refuse_special_text(messages, specials)
-    encode = _Encoder.of(messages, tokenizer, specials, split_special_tokens)
-    render = _prefix_renders(messages, partial(render_text, tokenizer, tools=tools, system_message=system_message))
+    [result] = training_samples_batch([(messages, tools)], tokenizer, train_on, max_length, system_message,
+                                      split_special_tokens)
+    if isinstance(result, TemplateError):
+        raise result
+    return result
+
+
+def training_samples_batch(
+    conversations: Sequence[tuple[list[dict], list[dict] | None]],
+    tokenizer: PreTrainedTokenizerBase,
+    train_on: TrainOn = "assistant",
+    max_length: int | None = None,
+    system_message: SystemMessage = "auto",
+    split_special_tokens: bool = False,
+    once: bool = True,
+) -> list[list[RenderedSample] | TemplateError]:
+    """:func:`training_samples` of each ``(messages, tools)``, or the :class:`TemplateError` it raises: the same
+    samples, with the texts of all the conversations tokenised together (each distinct piece once, in one call).
+    ``once``: cut each turn's texts from one rendering of the conversation where the template allows it
+    (:mod:`~sft_lightning.render_once`); False renders every turn's prompt, the reference that way is tested against."""
+    specials, pieces = _special_tokens(tokenizer), Pieces(tokenizer)
+    added = tuple(pieces.added)
+    renders = [_PrefixRenders(messages, partial(render_text, tokenizer, tools=tools, system_message=system_message))
+               for messages, tools in conversations]
+    found = render_once.layout(renders[0].render, added) if once and added and renders else None
+    for (messages, tools), render in zip(conversations, renders):
+        if found and train_on != "all" and render_once.plain(messages, tools, added):
+            try:
+                texts = render_once.prefix_texts(messages, render(messages, False), found)
+            except TemplateError:
+                continue
+            render.done.update(texts or {})
+    pieces.prefetch(text for (messages, _), render in zip(conversations, renders)
+                    for text in _texts(messages, render, train_on))
+    results = []
+    for (messages, tools), render in zip(conversations, renders):
+        try:
+            if not split_special_tokens:
+                _refuse_special_text(messages, specials)
+            encode = Encoder.of(messages, pieces, specials.texts, split_special_tokens)
+            results.append(_samples(messages, tools, encode, specials, render, train_on, max_length, system_message))
+        except TemplateError as err:
+            results.append(err)
+    return results
+
+
+def _texts(messages: list[dict], render, train_on: TrainOn) -> list[str]:
+    """The texts :func:`_samples` tokenises for ``messages`` when nothing is unusual: the conversation, and each
+    trained turn's prompt and the conversation up to it (the template's errors are raised later, by _samples)."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if train_on != "all" else []
+    turns = turns[-1:] if train_on == "last" else turns
+    try:
+        return [render(messages, False)] + [render(messages[:t + k], k == 0) for t in turns for k in (0, 1)]
+    except TemplateError:
+        return []
+
+
+def _samples(messages, tools, encode: Encoder, specials: _Specials, render, train_on: TrainOn, max_length: int | None,
+             system_message: SystemMessage) -> list[RenderedSample]:
+    tokenizer = encode.tokenizer
     whole = render(messages, False)
+    encode(whole)  # first, so that the turns' prompts, its prefixes under most templates, take over its ids
     if tools and _ignores_tools(tokenizer, messages, whole, system_message):
         raise TemplateError(
             "the chat template ignores 'tools' (it does not render function schemas): leave 'tools' out and describe "
@@ -259,21 +269,23 @@ def training_samples(
     return [_cut(ids, labels, max_length, differs)]
 
 
-def _prefix_renders(messages: list[dict], render) -> Callable[[list[dict], bool], str]:
+class _PrefixRenders:
     """``render(shown, add_generation_prompt)`` done once for each prefix of ``messages`` (a template renders the same
     text for the same messages; the last turn's conversation is the whole one, rendered again otherwise); any other
-    list (a probe turn appended) is rendered each time."""
-    done: dict[tuple[int, bool], str] = {}
+    list (a probe turn appended) is rendered each time. ``done`` may be given texts cut from one rendering
+    (:mod:`~sft_lightning.render_once`), keyed ``(len(shown), add_generation_prompt)``."""
 
-    def rendered(shown: list[dict], add_generation_prompt: bool) -> str:
-        if len(shown) > len(messages) or any(a is not b for a, b in zip(shown, messages)):
-            return render(shown, add_generation_prompt)
+    def __init__(self, messages: list[dict], render: Callable[[list[dict], bool], str]):
+        self.messages, self.render = messages, render
+        self.done: dict[tuple[int, bool], str] = {}
+
+    def __call__(self, shown: list[dict], add_generation_prompt: bool) -> str:
+        if len(shown) > len(self.messages) or any(a is not b for a, b in zip(shown, self.messages)):
+            return self.render(shown, add_generation_prompt)
         key = (len(shown), add_generation_prompt)
-        if key not in done:
-            done[key] = render(shown, add_generation_prompt)
-        return done[key]
-
-    return rendered
+        if key not in self.done:
+            self.done[key] = self.render(shown, add_generation_prompt)
+        return self.done[key]
 
 
 def _ignores_tools(tokenizer, messages: list[dict], whole: str, system_message: SystemMessage) -> bool:
@@ -304,7 +316,7 @@ def _cut(ids: list[int], labels: list[int], max_length: int | None, differs: str
     return RenderedSample(ids[:max_length], labels[:max_length], truncated, differs)
 
 
-def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) -> _Turn:
+def _turn(messages, turn: int, encode: Encoder, specials: _Specials, render) -> _Turn:
     """The inference prompt and the trained answer of assistant message ``turn``."""
     message = messages[turn]
     content = message["content"]
@@ -343,7 +355,7 @@ def _turn(messages, turn: int, encode: _Encoder, specials: _Specials, render) ->
 
 
 def _continuation(
-    encode: _Encoder, specials: _Specials, prefix: str, prefix_ids: list[int], text: str
+    encode: Encoder, specials: _Specials, prefix: str, prefix_ids: list[int], text: str
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """The ids (and offsets into ``text``) of ``text`` as it is tokenised after ``prefix``, not as text of its own: a
     SentencePiece tokenizer (Metaspace, ``prepend_scheme="first"``: Mistral, Phi-3) gives text of its own a leading

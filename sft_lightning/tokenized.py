@@ -26,12 +26,12 @@ from typing import NamedTuple, Optional
 import numpy as np
 from rich.progress import Progress
 
-from sft_lightning import formats, records, render, sources
+from sft_lightning import encoding, formats, records, render, render_once, sources
 from sft_lightning.errors import DataError, TemplateError
 from sft_lightning.formats import Format
 from sft_lightning.records import OnInvalid, Record, read_records
 from sft_lightning.sources import require_source
-from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn, has_system_role, training_samples
+from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn, has_system_role, training_samples_batch
 
 ARRAYS = ("input_ids", "labels", "offsets")
 # Below this many conversations worker start-up costs more than it saves.
@@ -167,7 +167,7 @@ def cache_key(path: str, tokenizer, settings: RenderSettings) -> str:
         tokenizer.chat_template,
         json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
         repr(tuple(settings)),
-        *(inspect.getsource(module) for module in (formats, records, render, sources, sys.modules[__name__])),
+        *(inspect.getsource(module) for module in (encoding, formats, records, render, render_once, sources, sys.modules[__name__])),
     ):
         digest.update(str(part).encode())
     return digest.hexdigest()[:24]
@@ -244,14 +244,14 @@ def _render_chunk(chunk: list[Record]) -> RenderedChunk:
     settings: RenderSettings = _worker["settings"]
     kept, truncated, dropped, merged = [], 0, Counter(), 0
     differs = Counter()
-    for record in chunk:
-        try:
-            samples = training_samples(record.messages, _worker["tokenizer"], settings.train_on, settings.max_length,
-                                       record.tools, settings.system_message, settings.split_special_tokens)
-        except TemplateError as err:
+    results = training_samples_batch([(record.messages, record.tools) for record in chunk], _worker["tokenizer"],
+                                     settings.train_on, settings.max_length, settings.system_message,
+                                     settings.split_special_tokens)
+    for record, samples in zip(chunk, results):
+        if isinstance(samples, TemplateError):
             if settings.on_invalid == "error":
-                raise DataError(f"{record.location}: {err}") from None
-            dropped[str(err)] += 1
+                raise DataError(f"{record.location}: {samples}") from None
+            dropped[str(samples)] += 1
             continue
         differs[samples[0].differs] += 1
         merged += _worker["merges_system"] and record.messages[0]["role"] == "system"

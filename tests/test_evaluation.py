@@ -100,15 +100,15 @@ def eval_run(root, *extra: str) -> dict[str, list[tuple[int, float]]]:
 
 def untrained_end_of_turn(monkeypatch):
     """A broken run: the end-of-turn token that closes every assistant turn is never trained."""
-    render = sft_lightning.tokenized.training_samples
+    render = sft_lightning.tokenized.training_samples_batch
 
-    def without_end_of_turn(messages, tokenizer, *args, **kwargs):
+    def without_end_of_turn(conversations, tokenizer, *args, **kwargs):
         eot = end_of_turn_token_id(tokenizer)
-        return [sample.__class__(sample.input_ids, [IGNORE_INDEX if label == eot else label for label in sample.labels],
-                                 sample.truncated, sample.differs)
-                for sample in render(messages, tokenizer, *args, **kwargs)]
+        return [[sample.__class__(sample.input_ids, [IGNORE_INDEX if label == eot else label for label in sample.labels],
+                                  sample.truncated, sample.differs) for sample in samples]
+                for samples in render(conversations, tokenizer, *args, **kwargs)]
 
-    monkeypatch.setattr(sft_lightning.tokenized, "training_samples", without_end_of_turn)
+    monkeypatch.setattr(sft_lightning.tokenized, "training_samples_batch", without_end_of_turn)
 
 
 @pytest.mark.slow

@@ -137,7 +137,7 @@ def test_setup_summary_shows_each_source_planned_and_drawn(sources):
 
 def test_changing_a_weight_tokenises_nothing(sources, tmp_path, monkeypatch):
     mixed(sources, cache_dir=str(tmp_path / "cache"))
-    monkeypatch.setattr(tokenized, "training_samples", lambda *a, **k: pytest.fail("tokenised again"))
+    monkeypatch.setattr(tokenized, "training_samples_batch", lambda *a, **k: pytest.fail("tokenised again"))
     data = ChatMLDataModule(
         train_path=[{"path": sources["general"], "weight": 1}, {"path": sources["domain"], "conversations": 500},
                     {"path": sources["identity"], "weight": 3}],

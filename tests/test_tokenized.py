@@ -38,7 +38,7 @@ def test_second_run_reads_the_cache_without_tokenising(tokenizer, tmp_path, monk
     def no_rendering(*args, **kwargs):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(tokenized, "training_samples", no_rendering)
+    monkeypatch.setattr(tokenized, "training_samples_batch", no_rendering)
     second = ChatMLDataModule(train_path=DATA, tokenizer_path=TINY_QWEN, max_length=256, cache_dir=str(tmp_path))
     second.setup("fit")
     cached = second.splits["train"].sources[0].parts[0]  # the one file of the one source

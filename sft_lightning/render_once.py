@@ -1,0 +1,111 @@
+"""One rendering per conversation, where the template keeps history as it was: every turn's texts cut from it.
+
+Masking needs, for each assistant turn, the template's inference prompt (the messages before it with
+``add_generation_prompt=True``) and its rendering of the conversation up to the turn. Most templates (ChatML,
+Llama 3, Mistral without a system message) render a conversation as one message after another, each the same
+whatever follows it; the generation prompt is then a fixed text ``G`` (``<|im_start|>assistant\\n``) put after the
+messages, and an answer is closed by a fixed text ``C`` (``<|im_end|>\\n``). Then every one of those texts is a
+prefix of the one rendering of the whole conversation, ending just after the turn's ``G`` or its ``C``, and one
+Jinja call per conversation does for all of them.
+
+Whether a template is such (its :class:`Layout`) is decided once per template from probe conversations, each one
+rendered turn by turn as well and required to give exactly the same texts. A conversation takes this way only when
+it looks like the probes (system, user and assistant messages with plain content, no tools, no tool calls, no
+reasoning fields, no text of an added token such as ``<think>``), and only when ``G`` and ``C`` are found where its
+turns are; anything else is rendered turn by turn.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+
+PROBES = [
+    [{"role": "user", "content": "Probe question one?"}, {"role": "assistant", "content": "Probe answer one."}],
+    [{"role": "system", "content": "Probe system."}, {"role": "user", "content": "Probe question one?"},
+     {"role": "assistant", "content": "Probe answer one."}, {"role": "user", "content": "Probe question two?"},
+     {"role": "assistant", "content": "Probe answer\n\ntwo."}, {"role": "user", "content": "Probe question three?"},
+     {"role": "assistant", "content": "Probe answer three."}],
+    [{"role": "user", "content": " Probe  spaced\n"}, {"role": "assistant", "content": "\nProbe spaced answer \n"},
+     {"role": "user", "content": "Probe last question"}],
+]
+PLAIN_ROLES = {"system", "user", "assistant"}
+
+
+class Layout(NamedTuple):
+    generation: str  # what add_generation_prompt puts after the messages
+    closing: str  # what follows an answer's content, up to the next message
+
+
+def layout(render: Render, added: tuple[str, ...]) -> Optional[Layout]:
+    """The template's :class:`Layout` where it renders each probe message after message as described above; None
+    otherwise. ``added``: the texts of the tokenizer's added tokens (``G`` and ``C`` must contain one, so that a
+    message's content can never be mistaken for them)."""
+    try:
+        found = {_layout_of(probe, render) for probe in PROBES}
+        if len(found) != 1 or None in found:
+            return None
+        (generation, closing), = found
+        if not any(token in generation for token in added) or not closing.startswith(added):
+            return None
+        # Cut from the one rendering, every text is the template's own.
+        for probe in PROBES:
+            texts = prefix_texts(probe, render(probe, False), Layout(generation, closing))
+            if texts is None or any(text != render(probe[:k], flag) for (k, flag), text in texts.items()):
+                return None
+    except Exception:  # a template that refuses a probe (no system role, say): turn by turn
+        return None
+    return Layout(generation, closing)
+
+
+def _layout_of(probe: list[dict], render: Render) -> Optional[Layout]:
+    """The layout one probe shows: None where its turns are not rendered one after another."""
+    whole, found = render(probe, False), set()
+    for k, message in enumerate(probe):
+        if message["role"] != "assistant":
+            continue
+        before, prompt, through = render(probe[:k], False), render(probe[:k], True), render(probe[: k + 1], False)
+        if not (prompt.startswith(before) and through.startswith(prompt) and whole.startswith(through)):
+            return None
+        answer = through[len(prompt) :]
+        # The content as given, or trimmed (Llama 3's template trims it).
+        content = next((text for text in (message["content"], message["content"].strip()) if answer.startswith(text)), None)
+        if content is None:
+            return None
+        found.add(Layout(prompt[len(before) :], answer[len(content) :]))
+    return found.pop() if len(found) == 1 else None
+
+
+def plain(messages: list[dict], tools: Optional[list], added: tuple[str, ...]) -> bool:
+    """Whether a conversation looks like the probes (see the module's docstring)."""
+    return tools is None and all(
+        message.keys() <= {"role", "content"} and message["role"] in PLAIN_ROLES
+        and not any(token in message["content"] for token in (*added, "<think>", "</think>"))
+        for message in messages
+    )
+
+
+def prefix_texts(messages: list[dict], whole: str, found: Layout) -> Optional[dict[tuple[int, bool], str]]:
+    """The template's text of ``messages[:k]`` (with the generation prompt or not), keyed ``(k, flag)``, for each
+    assistant turn ``k``, cut from ``whole``: its rendering. None where the layout's texts are not where the turns are."""
+    generation, closing = found
+    turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    starts, position = [], whole.find(generation)
+    while position >= 0:
+        starts.append(position)
+        position = whole.find(generation, position + len(generation))
+    if len(starts) != len(turns):
+        return None
+    texts = {}
+    for n, (k, start) in enumerate(zip(turns, starts)):
+        prompt_end = start + len(generation)
+        texts[(k, False)], texts[(k, True)] = whole[:start], whole[:prompt_end]
+        if k + 1 == len(messages):
+            texts[(k + 1, False)] = whole
+            continue
+        close = whole.find(closing, prompt_end)
+        if close < 0 or (n + 1 < len(starts) and close + len(closing) > starts[n + 1]):
+            return None
+        texts[(k + 1, False)] = whole[: close + len(closing)]
+    return texts
