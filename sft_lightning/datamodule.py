@@ -24,6 +24,7 @@ from sft_lightning.records import OnInvalid, Record
 from sft_lightning.render import SystemMessage, TrainOn, load_tokenizer
 from sft_lightning.sampling import Batching, StepPlan, StepPlanSampler, padding_fraction
 from sft_lightning.sources import Sources, resolve_sources
+from sft_lightning.preparing import Share
 from sft_lightning.tokenized import tokenize_split
 
 
@@ -90,8 +91,9 @@ class ChatMLDataModule(LightningDataModule):
             cache_dir: where tokenised files are kept, each keyed by its content, format, tokenizer, template,
                 ``max_length`` and ``train_on`` (not by mixture weights), so a second run skips tokenisation (null:
                 no cache).
-            preprocessing_workers: processes that tokenise in parallel (default: one per CPU for files of
-                5,000 conversations or more).
+            preprocessing_workers: processes that tokenise in parallel, on each rank (default: the CPUs of the
+                node divided among its ranks, for JSONL files of 4 MB or more and other files of 5,000
+                conversations or more). With a cache, every rank prepares its share of each file.
             on_invalid: ``error``: the first invalid conversation (bad JSON line, role, content, order, or one
                 the chat template cannot render) stops the run with its file and line; ``skip``: invalid ones are
                 left out and counted by reason in the setup summary.
@@ -117,6 +119,7 @@ class ChatMLDataModule(LightningDataModule):
         self.splits: dict[str, Mixture | SampleSet] = {}  # and each evaluation source's samples, as val/<name>
         self._reported: set[str] = set()  # splits whose summary is printed
         self._prepared: dict[str, float] = {}  # seconds each split took to tokenise or read on this process
+        self._preparation_share: Optional[Share] = None
         self._packed_rows: dict[str, list[list[int]]] = {}
         self._train_loader: Optional[ResumableLoader] = None
         self._source_tokens: Optional[tuple[int, np.ndarray]] = None  # (epoch, cumulative tokens per source)
@@ -153,18 +156,31 @@ class ChatMLDataModule(LightningDataModule):
     def _tokenize(self, name: str) -> Mixture:
         """Each file of each source tokenised on its own (and cached so), then the mixture drawn from them."""
         h = self.hparams
-        workers = h.preprocessing_workers
+        share, workers = self._share(), h.preprocessing_workers
         if workers is None and self.trainer is not None and self.trainer.num_devices > 1:
-            # The ranks on a node (its devices) share its CPUs.
+            # The ranks on a node (its devices) share its CPUs; with a cache each prepares its share of every file.
             workers = max((os.cpu_count() or 1) // self.trainer.num_devices, 1)
         sources = resolve_sources(h[f"{name}_path"], f"{name}_path", h.format)
         parts = [
             [tokenize_split(str(file), self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
                             on_invalid=h.on_invalid, format=source.format, system_message=h.system_message,
-                            split_special_tokens=h.split_special_tokens) for file in source.files]
+                            split_special_tokens=h.split_special_tokens, share=share) for file in source.files]
             for source in sources
         ]
         return Mixture(sources, parts, h.seed, f"{name}_path", h.weight_by)
+
+    def _share(self) -> Optional[Share]:
+        """This process's part in preparing the data with the others of a multi-process run (with a cache): every
+        rank renders its share of each file into it, all read all; made once, by every process (a collective)."""
+        if self.hparams.cache_dir is None or self.trainer is None:
+            return None
+        if self._preparation_share is None:
+            # Setup comes before the callbacks connect the layout (Lightning calls the data module's first).
+            layout = self._layout or RunLayout.of(self.trainer)
+            if not layout.distributed:
+                return None
+            self._preparation_share = Share.of_run(layout)
+        return self._preparation_share
 
     def tokenized(self, name: str) -> Mixture:
         """The ``train``, ``val`` or ``test`` split, tokenised (into the cache, or read from it) once and kept, with
@@ -181,20 +197,23 @@ class ChatMLDataModule(LightningDataModule):
         split, seconds = self.splits[name], self._prepared.get(name, 0.0)
         cached = all(source.from_cache for source in split.sources)
         read = sum(source.read for source in split.sources)
+        ranks = {rank for source in split.sources for part in source.parts if not part.from_cache for rank in part.shares}
+        shared = f" (by {len(ranks)} processes, each its share)" if len(ranks) > 1 else ""
         return (f"{name} prepared in {seconds:.1f} s: {read / max(seconds, 1e-9):,.0f} conversations/s"
-                f"{' (read from the cache)' if cached else ''}")
+                f"{' (read from the cache)' if cached else shared}")
 
     @property
     def cache_folder(self) -> str:
         return os.path.expanduser(self.hparams.cache_dir)
 
     def prepare_data(self) -> None:
-        # One process per node tokenises into the cache; setup() on every rank then reads it from there.
-        if self.hparams.cache_dir is None or self.trainer is None:
+        # One process alone: tokenised before the loggers make their folders, so that bad data leaves nothing behind.
+        # Several: every rank prepares its share of each file in setup() (see _share).
+        if self.trainer is None or RunLayout.of(self.trainer).distributed:
             return
         for name in sum(self._split_names(self.trainer.state.fn.value), ()):
             if self.hparams[f"{name}_path"] is not None:
-                # Kept, so that setup() on this rank neither reads it back nor calls a fresh split "cached".
+                # Kept, so that setup() neither reads it back nor calls a fresh split "cached".
                 self.tokenized(name)
 
     def setup(self, stage: str) -> None:

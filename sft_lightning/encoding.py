@@ -16,11 +16,12 @@ start the text is encoded after an added token (then dropped), as it is read in 
 from __future__ import annotations
 
 import re
-from typing import Iterable, NamedTuple, Optional
+from bisect import bisect_right
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-Encoded = tuple[list[int], list[tuple[int, int]]]  # ids, and each id's (start, end) characters in the text
+Span = tuple[int, int]  # an id's (start, end) characters in the text
 
 
 def cuts_exactly(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -30,6 +31,64 @@ def cuts_exactly(tokenizer: PreTrainedTokenizerBase) -> bool:
         not (token.lstrip or token.rstrip or token.single_word or (token.normalized and has_normalizer))
         for token in tokenizer.added_tokens_decoder.values()
     )
+
+
+class _Piece:
+    """An encoded piece: its ids, and its spans read from the tokenizer's encoding only when asked for."""
+
+    __slots__ = ("ids", "_encoding", "_skip", "_shift", "_spans")
+
+    def __init__(self, ids: list[int], encoding=None, skip: int = 0, shift: int = 0, spans: Optional[list[Span]] = None):
+        self.ids, self._encoding, self._skip, self._shift, self._spans = ids, encoding, skip, shift, spans
+
+    def spans(self) -> list[Span]:
+        if self._spans is None:
+            self._spans = [(a - self._shift, b - self._shift) for a, b in self._encoding.offsets[self._skip :]]
+            self._encoding = None
+        return self._spans
+
+
+class Offsets(Sequence):
+    """The spans of a text's ids, kept as the spans of its parts (pieces, added tokens) and computed where read:
+    rendering reads a few per turn (its special tokens), so most are never built. ``skip``/``shift``: a view of the
+    ids from ``skip`` on, in characters from ``shift`` on."""
+
+    __slots__ = ("parts", "starts", "length", "skip", "shift")
+
+    def __init__(self, parts: list[tuple[int, int, object]], length: int, skip: int = 0, shift: int = 0):
+        self.parts, self.length, self.skip, self.shift = parts, length, skip, shift  # (first id, character, spans)
+        self.starts = [part[0] for part in parts]
+
+    @classmethod
+    def of(cls, spans: list[Span]) -> "Offsets":
+        return cls([(0, 0, spans)], len(spans))
+
+    def __len__(self) -> int:
+        return self.length - self.skip
+
+    def __getitem__(self, index: int) -> Span:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        index += self.skip
+        first, position, spans = self.parts[bisect_right(self.starts, index) - 1]
+        start, end = (spans.spans() if isinstance(spans, _Piece) else spans)[index - first]
+        return start + position - self.shift, end + position - self.shift
+
+    def __iter__(self) -> Iterator[Span]:
+        return (self[index] for index in range(len(self)))
+
+    def after(self, skip: int, shift: int) -> "Offsets":
+        """The spans of the ids from ``skip`` on, counted from character ``shift``."""
+        return Offsets(self.parts, self.length, self.skip + skip, self.shift + shift)
+
+    def joined(self, count: int, tail: "Offsets") -> "Offsets":
+        """The first ``count`` spans (``count`` at a part's boundary), then ``tail``'s."""
+        head = [part for part in self.parts if part[0] < count]
+        return Offsets(head + [(first + count, position, spans) for first, position, spans in tail.parts],
+                       count + tail.length)
+
+
+Encoded = tuple[list[int], Offsets]
 
 
 class Pieces:
@@ -43,44 +102,51 @@ class Pieces:
         # Longest first: at each position the longest added token wins, as in the tokenizer's own matcher.
         self.cut = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))) if exact else None
         self.anchor = next(iter(self.added), "")
-        self.done: dict[tuple[str, bool], Encoded] = {}
+        self.done: dict[tuple[str, bool], _Piece] = {}
+        self.splits: dict[str, list] = {}  # the prefetched texts' parts
 
     def prefetch(self, texts: Iterable[str]) -> None:
         """Encode, in one call, every piece of ``texts`` not encoded yet."""
         if self.cut is None:
             return
-        wanted = {key for text in texts for key in self._pieces(text) if key not in self.done}
+        wanted = set()
+        for text in texts:
+            if text not in self.splits:
+                self.splits[text] = self._parts(text)
+                wanted.update(key for _, key in self.splits[text] if isinstance(key, tuple) and key not in self.done)
         self._encode_pieces(sorted(wanted))
 
-    def encode(self, text: str, start: int = 0) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    def encode(self, text: str, start: int = 0) -> tuple[list[int], Offsets, list[tuple[int, int]]]:
         """(ids, offsets, cuts) of ``text[start:]`` read in place (``start`` must be 0 or just after an added token);
-        ``cuts``: (character, token count) after each added token, where a prefix of the text may be taken over."""
+        ``cuts``: (character, id count) after each added token, where a prefix of the text may be taken over."""
         if self.cut is None:
-            return (*_encode_whole(self.tokenizer, text), [])
-        self._encode_pieces([key for key in self._pieces(text, start) if key not in self.done])
-        ids, offsets, cuts, position = [], [], [], start
-        for match in [*self.cut.finditer(text, start), None]:
-            end = len(text) if match is None else match.start()
-            if end > position:
-                piece_ids, piece_offsets = self.done[(text[position:end], position == 0)]
-                ids += piece_ids
-                offsets += [(a + position, b + position) for a, b in piece_offsets] if position else piece_offsets
-            if match is not None:
-                ids.append(self.added[match.group()])
-                offsets.append(match.span())
-                position = match.end()
-                cuts.append((position, len(ids)))
-        return ids, offsets, cuts
+            ids, spans = _encode_whole(self.tokenizer, text)
+            return ids, Offsets.of(spans), []
+        parts = self.splits.get(text) if start == 0 else None
+        parts = self._parts(text, start) if parts is None else parts
+        self._encode_pieces(list({key for _, key in parts if isinstance(key, tuple) and key not in self.done}))
+        ids, spans, cuts = [], [], []
+        for position, key in parts:
+            spans.append((len(ids), position, self.done[key] if isinstance(key, tuple) else [(0, len(key))]))
+            if isinstance(key, tuple):
+                ids += self.done[key].ids
+            else:
+                ids.append(self.added[key])
+                cuts.append((position + len(key), len(ids)))
+        return ids, Offsets(spans, len(ids)), cuts
 
-    def _pieces(self, text: str, start: int = 0) -> list[tuple[str, bool]]:
-        """(piece, whether it starts the text) for each stretch of ``text[start:]`` between added tokens."""
-        keys, position = [], start
+    def _parts(self, text: str, start: int = 0) -> list[tuple[int, object]]:
+        """(character, part) for each part of ``text[start:]``: an added token's text, or for a stretch between
+        added tokens its key (piece, whether it starts the text)."""
+        parts, position = [], start
         for match in [*self.cut.finditer(text, start), None]:
             end = len(text) if match is None else match.start()
             if end > position:
-                keys.append((text[position:end], position == 0))
-            position = end if match is None else match.end()
-        return keys
+                parts.append((position, (text[position:end], position == 0)))
+            if match is not None:
+                parts.append((end, match.group()))
+                position = match.end()
+        return parts
 
     def _encode_pieces(self, keys: list[tuple[str, bool]]) -> None:
         if not keys:
@@ -90,16 +156,17 @@ class Pieces:
         backend = self.tokenizer.backend_tokenizer
         if backend.truncation is None and backend.padding is None and not backend.encode_special_tokens:
             # What tokenizer(texts, add_special_tokens=False) calls, without building its dictionaries.
-            encoded = [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
-        else:
-            encoding = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            encoded = zip(encoding["input_ids"], encoding["offset_mapping"])
-        for (piece, first), (ids, offsets) in zip(keys, encoded):
+            for (piece, first), encoding in zip(keys, backend.encode_batch(texts, add_special_tokens=False)):
+                skip = 0 if first else 1
+                self.done[(piece, first)] = _Piece(encoding.ids[skip:], encoding, skip, 0 if first else len(self.anchor))
+            return
+        encoding = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for (piece, first), ids, spans in zip(keys, encoding["input_ids"], encoding["offset_mapping"]):
             skip, shift = (0, 0) if first else (1, len(self.anchor))
-            self.done[(piece, first)] = ids[skip:], [(a - shift, b - shift) for a, b in offsets[skip:]]
+            self.done[(piece, first)] = _Piece(ids[skip:], spans=[(a - shift, b - shift) for a, b in spans[skip:]])
 
 
-def _encode_whole(tokenizer: PreTrainedTokenizerBase, text: str, split_special_tokens: bool = False) -> Encoded:
+def _encode_whole(tokenizer: PreTrainedTokenizerBase, text: str, split_special_tokens: bool = False) -> tuple[list[int], list[Span]]:
     encoding = tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens,
                          return_offsets_mapping=True)
     return encoding["input_ids"], encoding["offset_mapping"]
@@ -133,11 +200,12 @@ class Encoder(NamedTuple):
     def _assemble(self, text: str) -> Encoded:
         """From the pieces; a prefix of the longest text assembled so far (a turn's prompt, of the conversation)
         takes that text's ids up to its last added token inside the prefix, and only the rest is assembled."""
-        base = self.done.get(None)
+        base = self.done.get(None)  # (text, ids, offsets, cuts) of the longest text so far
         if base is not None and base[0].startswith(text):
-            position, count = max(((p, n) for p, n in base[3] if p <= len(text)), default=(0, 0))
+            cut = bisect_right(base[3], len(text), key=lambda cut: cut[0])
+            position, count = base[3][cut - 1] if cut else (0, 0)
             ids, offsets, _ = self.pieces.encode(text, position)
-            return base[1][:count] + ids, base[2][:count] + offsets
+            return base[1][:count] + ids, base[2].joined(count, offsets)
         ids, offsets, cuts = self.pieces.encode(text)
         if base is None or len(text) > len(base[0]):
             self.done[None] = (text, ids, offsets, cuts)
@@ -155,7 +223,7 @@ class Encoder(NamedTuple):
                     ids += piece_ids
                     offsets += [(a + position, b + position) for a, b in piece_offsets]
                 position += len(piece)
-        return ids, offsets
+        return ids, Offsets.of(offsets)
 
 
 def _occurrences(text: str, literal: str) -> list[int]:

@@ -32,6 +32,8 @@ class RunLayout:
     sequence_parallel_rank: int = 0  # this rank's slice within its group
     accumulation: int = 1  # micro-batches per optimizer step
     loss_divisor: int = 1  # what the framework divides a micro-batch's loss (or its gradients) by on the way to the step
+    local_rank: int = 0  # this process among those of its node
+    processes_per_node: int = 1  # which share the node's CPUs
 
     @property
     def distributed(self) -> bool:
@@ -54,6 +56,8 @@ class RunLayout:
             sequence_parallel_rank=rank % sequence,
             accumulation=accumulation,
             loss_divisor=framework_divisor(deepspeed_config(trainer.strategy) is not None, accumulation, processes),
+            local_rank=trainer.local_rank,
+            processes_per_node=trainer.num_devices,
         )
 
 

@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format, to_chatml
@@ -21,6 +21,8 @@ from sft_lightning.sources import is_table, require_source
 OnInvalid = Literal["error", "skip"]
 
 ROLES = ("system", "user", "assistant", "tool")
+# A JSONL file is read (and prepared) in shards of about this many bytes, each on its own.
+SHARD_BYTES = 1 << 20
 # Fields kept besides role and content, by role: what chat templates render.
 EXTRA_FIELDS = {"assistant": ("tool_calls", "reasoning_content"), "tool": ("name", "tool_call_id")}
 
@@ -48,8 +50,22 @@ def read_records(
             JSONL lines) are left out and counted in it by reason. A file that cannot be read at all still raises.
     """
     path = require_source(str(path))
+    shards = jsonl_shards(path)
+    if shards is None:
+        rows = _table_rows(path) if is_table(path) else _parse_rows(path, _text(path), skipped)
+        records = validated(rows, require_assistant, skipped, format)
+    else:
+        records = [record for shard in shards for record in read_shard(shard, require_assistant, skipped, format)]
+    if not records:
+        left_out = f" ({sum(skipped.values())} invalid ones skipped)" if skipped else ""
+        raise DataError(f"{path}: the file holds no conversation{left_out}")
+    return records
+
+
+def validated(rows, require_assistant: bool = True, skipped: Optional[Counter] = None, format: Format = "auto") -> list[Record]:
+    """The rows (location, object) that are valid conversations, as records; see :func:`read_records`."""
     records = []
-    for location, row in _table_rows(path) if is_table(path) else _parse_rows(path, _text(path), skipped):
+    for location, row in rows:
         try:
             row = to_chatml(row, format, location)
             records.append(Record(location, validate_messages(row, location, require_assistant), validate_tools(row, location)))
@@ -57,10 +73,56 @@ def read_records(
             if skipped is None:
                 raise
             skipped[skip_reason(err, location)] += 1
-    if not records:
-        left_out = f" ({sum(skipped.values())} invalid ones skipped)" if skipped else ""
-        raise DataError(f"{path}: the file holds no conversation{left_out}")
     return records
+
+
+class Shard(NamedTuple):
+    """Whole lines of a JSONL file, read on their own (by a preparation worker, say)."""
+
+    path: Path
+    start: int  # byte offsets
+    end: int
+    first_line: int  # the 1-based number of its first line
+
+
+def jsonl_shards(path: Path, shard_bytes: Optional[int] = None) -> Optional[list[Shard]]:
+    """A JSONL file cut into shards of about ``shard_bytes`` (``SHARD_BYTES``) at line ends; None for a JSON array or a
+    table."""
+    shard_bytes = shard_bytes or SHARD_BYTES
+    if is_table(path):
+        return None
+    shards, start, line = [], 0, 1
+    try:
+        with open(path, "rb") as data:
+            first = b""
+            while not first and (block := data.read(1 << 16)):
+                first = block.lstrip()[:1]
+            if not first:
+                raise DataError(f"{path}: the file is empty")
+            if first == b"[":
+                return None
+            data.seek(0)
+            while block := data.read(shard_bytes):
+                block += data.readline()  # to the end of the line
+                shards.append(Shard(path, start, start + len(block), line))
+                start, line = start + len(block), line + block.count(b"\n")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file: {err.strerror or err}") from None
+    return shards
+
+
+def read_shard(shard: Shard, require_assistant: bool = True, skipped: Optional[Counter] = None,
+               format: Format = "auto") -> list[Record]:
+    """The valid conversations of a shard's lines (see :func:`read_records`), located by line in the whole file."""
+    with open(shard.path, "rb") as data:
+        data.seek(shard.start)
+        raw = data.read(shard.end - shard.start)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = shard.first_line + raw[: err.start].count(b"\n")
+        raise DataError(f"{shard.path}: line {line}: not valid UTF-8 ({err.reason})") from None
+    return validated(_json_lines(shard.path, text, skipped, shard.first_line), require_assistant, skipped, format)
 
 
 def _text(path: Path) -> str:
@@ -115,8 +177,13 @@ def _parse_rows(path: Path, text: str, skipped: Optional[Counter] = None) -> lis
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         return [(f"{path}: record {n}", row) for n, row in enumerate(rows, start=1)]
+    return _json_lines(path, text, skipped)
+
+
+def _json_lines(path: Path, text: str, skipped: Optional[Counter] = None, first_line: int = 1) -> list[tuple[str, Any]]:
+    # Lines end at "\n" only: JSON strings may hold other line separators (U+2028) unescaped.
     parsed = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=first_line):
         if not line.strip():
             continue
         try:

@@ -367,7 +367,7 @@ def _continuation(
     else:
         anchor = specials.texts[0]  # one id, and nothing merges across it
         (ids, offsets), skip, shift = encode(anchor + text), 1, len(anchor)
-    return ids[skip:], [(a - shift, b - shift) for a, b in offsets[skip:]]
+    return ids[skip:], offsets.after(skip, shift)
 
 
 def _visible(content: str) -> str:

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-import sft_lightning.tokenized
+import sft_lightning.preparing
 from sft_lightning.datamodule import ChatMLDataModule
 from sft_lightning.evaluation import answer_budget, answer_metrics, markdown_table, rank_share, spread
 from sft_lightning.generation import Reply
@@ -100,7 +100,7 @@ def eval_run(root, *extra: str) -> dict[str, list[tuple[int, float]]]:
 
 def untrained_end_of_turn(monkeypatch):
     """A broken run: the end-of-turn token that closes every assistant turn is never trained."""
-    render = sft_lightning.tokenized.training_samples_batch
+    render = sft_lightning.preparing.training_samples_batch
 
     def without_end_of_turn(conversations, tokenizer, *args, **kwargs):
         eot = end_of_turn_token_id(tokenizer)
@@ -108,7 +108,7 @@ def untrained_end_of_turn(monkeypatch):
                                   sample.truncated, sample.differs) for sample in samples]
                 for samples in render(conversations, tokenizer, *args, **kwargs)]
 
-    monkeypatch.setattr(sft_lightning.tokenized, "training_samples_batch", without_end_of_turn)
+    monkeypatch.setattr(sft_lightning.preparing, "training_samples_batch", without_end_of_turn)
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ def test_the_framework_divisor_is_computed_in_one_place():
 
 def trainer_stand_in(world_size: int, rank: int, accumulate: int, deepspeed: bool):
     strategy = SimpleNamespace(config={"zero_optimization": {"stage": 2}}) if deepspeed else SimpleNamespace()
-    return SimpleNamespace(world_size=world_size, global_rank=rank, accumulate_grad_batches=accumulate, strategy=strategy)
+    return SimpleNamespace(world_size=world_size, global_rank=rank, accumulate_grad_batches=accumulate, strategy=strategy,
+                           local_rank=rank % 2, num_devices=2)
 
 
 def test_the_layout_reads_the_strategy_once(monkeypatch):
@@ -40,7 +41,7 @@ def test_the_layout_reads_the_strategy_once(monkeypatch):
     monkeypatch.setattr(layout, "deepspeed_config", lambda strategy: getattr(strategy, "config", None))
     ddp = RunLayout.of(trainer_stand_in(4, 3, 2, deepspeed=False))
     assert ddp == RunLayout(processes=4, rank=3, data_parallel_size=4, data_parallel_rank=3, accumulation=2,
-                            loss_divisor=8)
+                            loss_divisor=8, local_rank=1, processes_per_node=2)
     assert RunLayout.of(trainer_stand_in(4, 3, 2, deepspeed=True)).loss_divisor == 16  # engine.backward divides again
     assert framework_divisor(True, 2, 4) == 16 and not RunLayout().distributed
     # Sequence parallel 2 over 4 processes: groups {0, 1} and {2, 3} take the micro-batches of data-parallel ranks 0
@@ -49,7 +50,7 @@ def test_the_layout_reads_the_strategy_once(monkeypatch):
     sequence.strategy = FSDP2Strategy(sequence_parallel_size=2)
     assert RunLayout.of(sequence) == RunLayout(processes=4, rank=3, data_parallel_size=2, data_parallel_rank=1,
                                                sequence_parallel_size=2, sequence_parallel_rank=1, accumulation=2,
-                                               loss_divisor=8)
+                                               loss_divisor=8, local_rank=1, processes_per_node=2)
 
 
 def test_sequence_parallelism_without_packing_is_refused_in_one_line():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sft_lightning import tokenized
+from sft_lightning import preparing
 from sft_lightning.cli import cli_main
 from sft_lightning.data import example_conversations, save_chatml_data
 from sft_lightning.datamodule import ChatMLDataModule
@@ -137,7 +137,7 @@ def test_setup_summary_shows_each_source_planned_and_drawn(sources):
 
 def test_changing_a_weight_tokenises_nothing(sources, tmp_path, monkeypatch):
     mixed(sources, cache_dir=str(tmp_path / "cache"))
-    monkeypatch.setattr(tokenized, "training_samples_batch", lambda *a, **k: pytest.fail("tokenised again"))
+    monkeypatch.setattr(preparing, "training_samples_batch", lambda *a, **k: pytest.fail("tokenised again"))
     data = ChatMLDataModule(
         train_path=[{"path": sources["general"], "weight": 1}, {"path": sources["domain"], "conversations": 500},
                     {"path": sources["identity"], "weight": 3}],
