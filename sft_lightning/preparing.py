@@ -236,7 +236,7 @@ class _Writer:
 
     def __init__(self, folder: Path, path: str):
         self.folder, self.path = folder, path
-        self.files = {name: open(folder / f"{name}.bin", "wb") for name in ("input_ids", "labels")}
+        self.files = {name: open(folder / f"{name}.bin", "wb") for name in ("input_ids", "labels", "supervised")}
         self.lengths: list[np.ndarray] = []
         self.counts, self.invalid, self.dropped, self.shares = Counter(), Counter(), Counter(), Counter()
 
@@ -245,6 +245,7 @@ class _Writer:
         self.shares[rank] += 1
         chunk.input_ids.tofile(self.files["input_ids"])
         chunk.labels.tofile(self.files["labels"])
+        chunk.supervised.tofile(self.files["supervised"])
         self.lengths.append(chunk.lengths)
         self.invalid.update(chunk.invalid)
         self.dropped.update(chunk.dropped)
@@ -276,6 +277,7 @@ class RenderedChunk(NamedTuple):
     input_ids: np.ndarray
     labels: np.ndarray
     lengths: np.ndarray
+    supervised: np.ndarray  # each kept sample's supervised tokens
     read: int  # valid conversations
     invalid: Counter  # rows left out while reading (on_invalid skip), by reason
     truncated: int
@@ -330,6 +332,9 @@ def _render(task: records.Shard | list[Record]) -> RenderedChunk:
         if not trained:
             dropped["with no supervised token left after truncation"] += 1
     lengths = np.array([len(sample.input_ids) for sample in kept], np.int64)
+    # Nothing precedes a sample's first label to predict it: never counted.
+    supervised = np.array([len(s.labels) - s.labels.count(IGNORE_INDEX) - (s.labels[0] != IGNORE_INDEX) for s in kept],
+                          np.int32)
     flat = lambda field: np.fromiter(chain.from_iterable(getattr(s, field) for s in kept), np.int32, int(lengths.sum()))  # noqa: E731
-    return RenderedChunk(flat("input_ids"), flat("labels"), lengths, len(task), invalid, truncated, dropped,
+    return RenderedChunk(flat("input_ids"), flat("labels"), lengths, supervised, len(task), invalid, truncated, dropped,
                          differs["history"], differs["boundary"], merged)

@@ -200,10 +200,12 @@ def training_samples_batch(
     renders = [_PrefixRenders(messages, partial(render_text, tokenizer, tools=tools, system_message=system_message))
                for messages, tools in conversations]
     found = render_once.layout(renders[0].render, added) if once and added and renders else None
+    direct = render_once.direct_renderer(tokenizer, renders[0].render) if found else None
     for (messages, tools), render in zip(conversations, renders):
         if found and train_on != "all" and render_once.plain(messages, tools, added):
             try:
-                texts = render_once.prefix_texts(messages, render(messages, False), found)
+                whole = render.done[(len(messages), False)] = (direct or render)(messages, False)
+                texts = render_once.prefix_texts(messages, whole, found)
             except TemplateError:
                 continue
             render.done.update(texts or {})

@@ -109,3 +109,37 @@ def prefix_texts(messages: list[dict], whole: str, found: Layout) -> Optional[di
             return None
         texts[(k + 1, False)] = whole[: close + len(closing)]
     return texts
+
+
+def direct_renderer(tokenizer, render: Render) -> Optional[Render]:
+    """The template's compiled Jinja called directly on plain conversations (see :func:`plain`), without
+    ``apply_chat_template``'s conversion of rich inputs, which a plain conversation does not need (it is over half of
+    the cost of a rendering); None unless it renders every probe exactly as ``render`` (``apply_chat_template``)
+    does. A conversation it fails on is rendered by ``render``, which raises the template's error or merges a system
+    message as usual."""
+    try:
+        # Private members of transformers (5.x): the template compiled as apply_chat_template compiles it (cached),
+        # and the variables it hands the template, as it converts them.
+        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+
+        compiled = _compile_jinja_template(tokenizer.get_chat_template())
+        variables = _plain_template_data(dict(tokenizer.special_tokens_map))
+    except Exception:
+        return None
+
+    def rendered(messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return compiled.render(messages=[dict(message) for message in messages], tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except Exception:
+            return render(messages, add_generation_prompt)
+
+    # The texts layout() renders: each probe, and before and through each of its assistant turns.
+    shown = [(probe, False) for probe in PROBES] + [
+        (probe[: k + plus], plus == 0) for probe in PROBES for k, message in enumerate(probe)
+        if message["role"] == "assistant" for plus in (0, 1)]
+    try:
+        same = all(rendered(messages, flag) == render(messages, flag) for messages, flag in shown)
+    except Exception:
+        return None
+    return rendered if same else None

@@ -29,9 +29,9 @@ from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
 from sft_lightning.records import OnInvalid
 from sft_lightning.sources import require_source
-from sft_lightning.render import IGNORE_INDEX, RenderedSample, SystemMessage, TrainOn
+from sft_lightning.render import RenderedSample, SystemMessage, TrainOn
 
-ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64}
+ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "supervised": np.int32}
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TokenizedSplit:
     input_ids: np.ndarray  # int32, every kept sample end to end
     labels: np.ndarray  # int32, IGNORE_INDEX where not trained
     offsets: np.ndarray  # int64, len(samples) + 1: sample i is [offsets[i], offsets[i + 1])
+    supervised: np.ndarray  # int32, each sample's trained labels, its first label not counted
     read: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
@@ -68,9 +69,9 @@ class TokenizedSplit:
 
     @cached_property
     def supervised_tokens(self) -> tuple[int, ...]:
-        """Per sample; its first label never counts, as nothing precedes it to predict it."""
-        supervised = np.cumsum(np.concatenate([[0], self.labels != IGNORE_INDEX]))
-        return tuple((supervised[self.offsets[1:]] - supervised[self.offsets[:-1] + 1]).tolist())
+        """Per sample; its first label never counts, as nothing precedes it to predict it. Counted when the split
+        was prepared, so that reading them touches no label of a memory-mapped split."""
+        return tuple(self.supervised.tolist())
 
     def summary(self, name: str) -> str:
         return split_summary(name, self)

@@ -64,6 +64,9 @@ def test_templates_that_keep_history_are_rendered_once_and_those_that_rewrite_it
     taken = {name for name in TEMPLATES if layout_of(real_template_tokenizer(name, *TEMPLATES[name])) is not None}
     assert set(RENDERED_ONCE) <= taken and not taken & set(REWRITES_HISTORY)
     assert len(taken) >= 50, len(taken)  # 55 of the 132 on transformers 5.25
+    for name in RENDERED_ONCE:  # rendered by the compiled template itself, as apply_chat_template renders the probes
+        tokenizer = real_template_tokenizer(name, *TEMPLATES[name])
+        assert render_once.direct_renderer(tokenizer, partial(render_text, tokenizer, tools=None)) is not None
 
 
 def test_pieces_fall_back_to_whole_texts_where_an_added_token_strips_whitespace(chatml_tokenizer):
