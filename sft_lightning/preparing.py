@@ -172,9 +172,8 @@ def _tasks(path: str, settings: RenderSettings, renderers: int) -> tuple[list, C
     if shards is not None:
         return shards, skipped, size >= PARALLEL_BYTES
     # A JSON array or a table: read whole, rendered in chunks.
-    rows = (records._table_rows(found) if sources.is_table(found)
-            else records._parse_rows(found, records._text(found), skipped if settings.on_invalid == "skip" else None))
-    conversations = records.validated(rows, True, skipped if settings.on_invalid == "skip" else None, settings.format)
+    counted = skipped if settings.on_invalid == "skip" else None
+    conversations = records.validated(records.whole_file_rows(found, counted), True, counted, settings.format)
     size = min(CHUNK, max(MIN_CHUNK, -(-len(conversations) // wanted)))
     chunks = [conversations[i : i + size] for i in range(0, len(conversations), size)]
     return chunks, skipped, len(conversations) >= PARALLEL_THRESHOLD

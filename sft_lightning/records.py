@@ -52,14 +52,19 @@ def read_records(
     path = require_source(str(path))
     shards = jsonl_shards(path)
     if shards is None:
-        rows = _table_rows(path) if is_table(path) else _parse_rows(path, _text(path), skipped)
-        records = validated(rows, require_assistant, skipped, format)
+        records = validated(whole_file_rows(path, skipped), require_assistant, skipped, format)
     else:
         records = [record for shard in shards for record in read_shard(shard, require_assistant, skipped, format)]
     if not records:
         left_out = f" ({sum(skipped.values())} invalid ones skipped)" if skipped else ""
         raise DataError(f"{path}: the file holds no conversation{left_out}")
     return records
+
+
+def whole_file_rows(path: Path, skipped: Optional[Counter] = None) -> list[tuple[str, Any]]:
+    """The rows, with their locations, of a file read whole: a JSON array, a Parquet file, a ``datasets`` folder (a
+    JSONL file too, though :func:`jsonl_shards` reads one in parts)."""
+    return _table_rows(path) if is_table(path) else _parse_rows(path, _text(path), skipped)
 
 
 def validated(rows, require_assistant: bool = True, skipped: Optional[Counter] = None, format: Format = "auto") -> list[Record]:
