@@ -326,14 +326,14 @@ def _render(task: records.Shard | list[Record]) -> RenderedChunk:
         differs[samples[0].differs] += 1
         merged += _worker["merges_system"] and record.messages[0]["role"] == "system"
         truncated += any(sample.truncated for sample in samples)
-        trained = [sample for sample in samples if sample.labels.count(IGNORE_INDEX) < len(sample.labels)]
+        labelled = [(sample, len(sample.labels) - sample.labels.count(IGNORE_INDEX)) for sample in samples]
+        trained = [(sample, count) for sample, count in labelled if count]
         kept.extend(trained)
         if not trained:
             dropped["with no supervised token left after truncation"] += 1
-    lengths = np.array([len(sample.input_ids) for sample in kept], np.int64)
+    lengths = np.array([len(sample.input_ids) for sample, _ in kept], np.int64)
     # Nothing precedes a sample's first label to predict it: never counted.
-    supervised = np.array([len(s.labels) - s.labels.count(IGNORE_INDEX) - (s.labels[0] != IGNORE_INDEX) for s in kept],
-                          np.int32)
-    flat = lambda field: np.fromiter(chain.from_iterable(getattr(s, field) for s in kept), np.int32, int(lengths.sum()))  # noqa: E731
+    supervised = np.array([count - (sample.labels[0] != IGNORE_INDEX) for sample, count in kept], np.int32)
+    flat = lambda field: np.fromiter(chain.from_iterable(getattr(s, field) for s, _ in kept), np.int32, int(lengths.sum()))  # noqa: E731
     return RenderedChunk(flat("input_ids"), flat("labels"), lengths, supervised, len(task), invalid, truncated, dropped,
                          differs["history"], differs["boundary"], merged)

@@ -17,6 +17,7 @@ turns are; anything else is rendered turn by turn.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, NamedTuple, Optional
 
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
@@ -31,6 +32,7 @@ PROBES = [
      {"role": "user", "content": "Probe last question"}],
 ]
 PLAIN_ROLES = {"system", "user", "assistant"}
+REASONING_MARKS = ("<think>", "</think>")  # templates that split reasoning out of an answer look for them
 
 
 class Layout(NamedTuple):
@@ -77,11 +79,11 @@ def _layout_of(probe: list[dict], render: Render) -> Optional[Layout]:
     return found.pop() if len(found) == 1 else None
 
 
-def plain(messages: list[dict], tools: Optional[list], added: tuple[str, ...]) -> bool:
-    """Whether a conversation looks like the probes (see the module's docstring)."""
+def plain(messages: list[dict], tools: Optional[list], marks: re.Pattern) -> bool:
+    """Whether a conversation looks like the probes (see the module's docstring); ``marks`` finds the texts of the
+    added tokens and of ``REASONING_MARKS``."""
     return tools is None and all(
-        message.keys() <= {"role", "content"} and message["role"] in PLAIN_ROLES
-        and not any(token in message["content"] for token in (*added, "<think>", "</think>"))
+        message.keys() <= {"role", "content"} and message["role"] in PLAIN_ROLES and not marks.search(message["content"])
         for message in messages
     )
 

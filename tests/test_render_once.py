@@ -91,3 +91,15 @@ def test_a_conversation_with_reasoning_is_rendered_turn_by_turn_even_where_plain
                 {"role": "user", "content": "b"}, {"role": "assistant", "content": "a"}]
     [once], [turn_by_turn] = (training_samples_batch([(messages, None)], chatml_tokenizer, once=o) for o in (True, False))
     assert once == turn_by_turn and len(once) == 2  # one sample per turn: the first answer's reasoning is history
+
+
+def test_special_texts_are_found_in_one_scan_as_by_searching_each():
+    from sft_lightning.render import _any_of, _first_special, _Specials
+
+    texts = ("<s>", "<s>x", "</s>", "<|a|>", "<|ab|>", "b")
+    specials = _Specials(texts, frozenset(), _any_of(sorted(texts)))
+    for text in ("x<s>x</s>", "<|ab|><s>", "ab<|a|>", "none here", "<s><s>xb", "", "bb<s>x"):
+        for start in range(len(text) + 1):
+            found = [(text.find(token, start), token) for token in texts if token in text[start:]]
+            assert _first_special(text, specials, start) == (min(found) if found else None), (text, start)
+    assert _any_of([]).search("any text") is None
