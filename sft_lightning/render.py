@@ -199,8 +199,10 @@ def training_samples_batch(
     added = tuple(pieces.added)
     renders = [_PrefixRenders(messages, partial(render_text, tokenizer, tools=tools, system_message=system_message))
                for messages, tools in conversations]
-    found = render_once.layout(renders[0].render, added) if once and added and renders else None
-    direct = render_once.direct_renderer(tokenizer, renders[0].render) if found else None
+    found, direct = None, None
+    if once and added:
+        probe = partial(render_text, tokenizer, tools=None, system_message=system_message)
+        found, direct = render_once.plan(tokenizer, probe, added, system_message)
     marks = _any_of((*added, *render_once.REASONING_MARKS))
     for (messages, tools), render in zip(conversations, renders):
         if found and train_on != "all" and render_once.plain(messages, tools, marks):

@@ -113,12 +113,28 @@ def prefix_texts(messages: list[dict], whole: str, found: Layout) -> Optional[di
     return texts
 
 
-def direct_renderer(tokenizer, render: Render) -> Optional[Render]:
+# What plan() decided, by what the decision depends on: a template is probed once per process, not once per batch.
+_PLANS: dict[tuple, tuple[Optional[Layout], bool]] = {}
+
+
+def plan(tokenizer, render: Render, added: tuple[str, ...], system_message: str) -> tuple[Optional[Layout], Optional[Render]]:
+    """The template's :func:`layout` and, where it has one, its :func:`direct_renderer`: probed once for each
+    template, template variables (the special tokens), added tokens and ``system_message`` (what ``render``, the
+    tokenizer's ``apply_chat_template`` without tools, renders with)."""
+    key = (repr(tokenizer.chat_template), repr(sorted(tokenizer.special_tokens_map.items())), added, system_message)
+    if key not in _PLANS:
+        found = layout(render, added)
+        _PLANS[key] = found, found is not None and direct_renderer(tokenizer, render) is not None
+    found, direct = _PLANS[key]
+    return found, direct_renderer(tokenizer, render, checked=True) if direct else None
+
+
+def direct_renderer(tokenizer, render: Render, checked: bool = False) -> Optional[Render]:
     """The template's compiled Jinja called directly on plain conversations (see :func:`plain`), without
     ``apply_chat_template``'s conversion of rich inputs, which a plain conversation does not need (it is over half of
     the cost of a rendering); None unless it renders every probe exactly as ``render`` (``apply_chat_template``)
-    does. A conversation it fails on is rendered by ``render``, which raises the template's error or merges a system
-    message as usual."""
+    does (``checked``: :func:`plan` found so already). A conversation it fails on is rendered by ``render``, which
+    raises the template's error or merges a system message as usual."""
     try:
         # Private members of transformers (5.x): the template compiled as apply_chat_template compiles it (cached),
         # and the variables it hands the template, as it converts them.
@@ -136,6 +152,8 @@ def direct_renderer(tokenizer, render: Render) -> Optional[Render]:
         except Exception:
             return render(messages, add_generation_prompt)
 
+    if checked:
+        return rendered
     # The texts layout() renders: each probe, and before and through each of its assistant turns.
     shown = [(probe, False) for probe in PROBES] + [
         (probe[: k + plus], plus == 0) for probe in PROBES for k, message in enumerate(probe)

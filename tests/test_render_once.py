@@ -103,3 +103,16 @@ def test_special_texts_are_found_in_one_scan_as_by_searching_each():
             found = [(text.find(token, start), token) for token in texts if token in text[start:]]
             assert _first_special(text, specials, start) == (min(found) if found else None), (text, start)
     assert _any_of([]).search("any text") is None
+
+
+def test_a_template_is_probed_once_and_again_when_it_changes(chatml_tokenizer, monkeypatch):
+    probed, real = [], render_once.layout
+    monkeypatch.setattr(render_once, "layout", lambda *args: probed.append(args) or real(*args))
+    monkeypatch.setattr(render_once, "_PLANS", {})
+    messages = [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "b a"}]
+    first = [training_samples_batch([(messages, None)], chatml_tokenizer) for _ in range(3)]
+    assert len(probed) == 1 and first[0] == first[1] == first[2]
+    chatml_tokenizer.chat_template = chatml_tokenizer.chat_template.replace("\\n", "\\n\\n")  # another template
+    training_samples_batch([(messages, None)], chatml_tokenizer)
+    training_samples_batch([(messages, None)], chatml_tokenizer, system_message="error")  # rendered another way
+    assert len(probed) == 3
