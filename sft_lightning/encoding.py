@@ -33,18 +33,26 @@ def cuts_exactly(tokenizer: PreTrainedTokenizerBase) -> bool:
     )
 
 
+def any_of(texts: Iterable[str]) -> re.Pattern:
+    """A pattern that finds any of ``texts``, in one scan: at a position, the first listed among those that start
+    there; it never matches for no texts."""
+    return re.compile("|".join(map(re.escape, texts)) or "(?!)")
+
+
 class _Piece:
-    """An encoded piece: its ids, and its spans read from the tokenizer's encoding only when asked for."""
+    """An encoded piece: its ids, and its spans, made from its encoding's (a tokenizers ``Encoding`` or a list) only
+    when asked for, without the anchor's ``skip`` ids and ``shift`` characters."""
 
-    __slots__ = ("ids", "_encoding", "_skip", "_shift", "_spans")
+    __slots__ = ("ids", "_source", "_skip", "_shift", "_spans")
 
-    def __init__(self, ids: list[int], encoding=None, skip: int = 0, shift: int = 0, spans: Optional[list[Span]] = None):
-        self.ids, self._encoding, self._skip, self._shift, self._spans = ids, encoding, skip, shift, spans
+    def __init__(self, ids: list[int], source, skip: int, shift: int):
+        self.ids, self._source, self._skip, self._shift, self._spans = ids, source, skip, shift, None
 
     def spans(self) -> list[Span]:
         if self._spans is None:
-            self._spans = [(a - self._shift, b - self._shift) for a, b in self._encoding.offsets[self._skip :]]
-            self._encoding = None
+            source = self._source if isinstance(self._source, list) else self._source.offsets
+            self._spans = [(a - self._shift, b - self._shift) for a, b in source[self._skip :]]
+            self._source = None
         return self._spans
 
 
@@ -100,7 +108,7 @@ class Pieces:
         self.added = {token.content: index for index, token in tokenizer.added_tokens_decoder.items()}
         exact = bool(self.added) and cuts_exactly(tokenizer)
         # Longest first: at each position the longest added token wins, as in the tokenizer's own matcher.
-        self.cut = re.compile("|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))) if exact else None
+        self.cut = any_of(sorted(self.added, key=len, reverse=True)) if exact else None
         self.anchor = next(iter(self.added), "")
         self.done: dict[tuple[str, bool], _Piece] = {}
         self.splits: dict[str, list] = {}  # the prefetched texts' parts
@@ -155,15 +163,15 @@ class Pieces:
         texts = [piece if first else self.anchor + piece for piece, first in keys]
         backend = self.tokenizer.backend_tokenizer
         if backend.truncation is None and backend.padding is None and not backend.encode_special_tokens:
-            # What tokenizer(texts, add_special_tokens=False) calls, without building its dictionaries.
-            for (piece, first), encoding in zip(keys, backend.encode_batch(texts, add_special_tokens=False)):
-                skip = 0 if first else 1
-                self.done[(piece, first)] = _Piece(encoding.ids[skip:], encoding, skip, 0 if first else len(self.anchor))
-            return
-        encoding = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for (piece, first), ids, spans in zip(keys, encoding["input_ids"], encoding["offset_mapping"]):
+            # What tokenizer(texts, add_special_tokens=False) calls, without building its dictionaries; the spans
+            # are read from each encoding only where asked for.
+            encoded = [(encoding.ids, encoding) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            encoding = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            encoded = list(zip(encoding["input_ids"], encoding["offset_mapping"]))
+        for (piece, first), (ids, spans) in zip(keys, encoded):
             skip, shift = (0, 0) if first else (1, len(self.anchor))
-            self.done[(piece, first)] = _Piece(ids[skip:], spans=[(a - shift, b - shift) for a, b in spans[skip:]])
+            self.done[(piece, first)] = _Piece(ids[skip:], spans, skip, shift)
 
 
 def _encode_whole(tokenizer: PreTrainedTokenizerBase, text: str, split_special_tokens: bool = False) -> tuple[list[int], list[Span]]:

@@ -22,7 +22,7 @@ from typing import Callable, Literal, NamedTuple, Sequence
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sft_lightning import render_once
-from sft_lightning.encoding import Encoder, Pieces
+from sft_lightning.encoding import Encoder, Offsets, Pieces, any_of
 from sft_lightning.errors import TemplateError, loading
 
 IGNORE_INDEX = -100
@@ -203,7 +203,7 @@ def training_samples_batch(
     if once and added:
         probe = partial(render_text, tokenizer, tools=None, system_message=system_message)
         found, direct = render_once.plan(tokenizer, probe, added, system_message)
-    marks = _any_of((*added, *render_once.REASONING_MARKS))
+    marks = any_of((*added, *render_once.REASONING_MARKS))
     for (messages, tools), render in zip(conversations, renders):
         if found and train_on != "all" and render_once.plain(messages, tools, marks):
             try:
@@ -361,7 +361,7 @@ def _turn(messages, turn: int, encode: Encoder, specials: _Specials, render) -> 
 
 def _continuation(
     encode: Encoder, specials: _Specials, prefix: str, prefix_ids: list[int], text: str
-) -> tuple[list[int], list[tuple[int, int]]]:
+) -> tuple[list[int], Offsets]:
     """The ids (and offsets into ``text``) of ``text`` as it is tokenised after ``prefix``, not as text of its own: a
     SentencePiece tokenizer (Metaspace, ``prepend_scheme="first"``: Mistral, Phi-3) gives text of its own a leading
     "▁" (a space) that the template does not render. Where a token would merge across the boundary (the prefix's ids
@@ -522,13 +522,7 @@ def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> _Specials:
     by_text = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens} | {
         token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special
     }
-    return _Specials(tuple(by_text), frozenset(by_text.values()), _any_of(sorted(by_text)))
-
-
-def _any_of(texts) -> re.Pattern:
-    """A pattern that finds any of ``texts`` (the first listed among those that start at a position); never matches
-    for none."""
-    return re.compile("|".join(map(re.escape, texts)) or "(?!)")
+    return _Specials(tuple(by_text), frozenset(by_text.values()), any_of(sorted(by_text)))
 
 
 def end_of_turn_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

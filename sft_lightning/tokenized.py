@@ -119,9 +119,10 @@ def tokenize_split(
     """Read, render and mask ``path``; from ``cache_dir`` when this exact work was done before.
 
     ``workers``: processes that render in parallel (None: one per CPU for JSONL files of ``PARALLEL_BYTES`` or more
-    and other files of ``PARALLEL_THRESHOLD`` conversations or more, else none; see :mod:`~sft_lightning.preparing`). ``on_invalid="skip"``: leave out conversations that fail
-    validation or rendering, counted by reason in ``dropped``, instead of stopping at the first. ``share``: this
-    process's part where the processes of a run prepare together (:mod:`~sft_lightning.preparing`; with a cache).
+    and other files of ``PARALLEL_THRESHOLD`` conversations or more, else none; see :mod:`~sft_lightning.preparing`).
+    ``on_invalid="skip"``: leave out conversations that fail validation or rendering, counted by reason in
+    ``dropped``, instead of stopping at the first. ``share``: this process's part where the processes of a run
+    prepare together (with a cache).
     """
     settings = RenderSettings(max_length, train_on, on_invalid, format, system_message, split_special_tokens)
     if cache_dir is None:

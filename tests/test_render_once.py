@@ -72,6 +72,10 @@ def test_templates_that_keep_history_are_rendered_once_and_those_that_rewrite_it
 def test_pieces_fall_back_to_whole_texts_where_an_added_token_strips_whitespace(chatml_tokenizer):
     text = "<|im_start|>user\nHi <|im_end|>\n"
     assert cuts_exactly(chatml_tokenizer) and Pieces(chatml_tokenizer).cut is not None
+    chatml_tokenizer.backend_tokenizer.enable_truncation(4096)  # pieces then go through tokenizer(), which lifts it
+    ids, offsets, _ = Pieces(chatml_tokenizer).encode(text + "x <|im_start|>")
+    expected = chatml_tokenizer(text + "x <|im_start|>", add_special_tokens=False, return_offsets_mapping=True)
+    assert (ids, list(offsets)) == (expected["input_ids"], expected["offset_mapping"])
     chatml_tokenizer.add_tokens([AddedToken("<mark>", lstrip=True)])
     assert not cuts_exactly(chatml_tokenizer) and Pieces(chatml_tokenizer).cut is None
     text += "left of <mark> it"
@@ -94,15 +98,16 @@ def test_a_conversation_with_reasoning_is_rendered_turn_by_turn_even_where_plain
 
 
 def test_special_texts_are_found_in_one_scan_as_by_searching_each():
-    from sft_lightning.render import _any_of, _first_special, _Specials
+    from sft_lightning.encoding import any_of
+    from sft_lightning.render import _first_special, _Specials
 
     texts = ("<s>", "<s>x", "</s>", "<|a|>", "<|ab|>", "b")
-    specials = _Specials(texts, frozenset(), _any_of(sorted(texts)))
+    specials = _Specials(texts, frozenset(), any_of(sorted(texts)))
     for text in ("x<s>x</s>", "<|ab|><s>", "ab<|a|>", "none here", "<s><s>xb", "", "bb<s>x"):
         for start in range(len(text) + 1):
             found = [(text.find(token, start), token) for token in texts if token in text[start:]]
             assert _first_special(text, specials, start) == (min(found) if found else None), (text, start)
-    assert _any_of([]).search("any text") is None
+    assert any_of([]).search("any text") is None
 
 
 def test_a_template_is_probed_once_and_again_when_it_changes(chatml_tokenizer, monkeypatch):
