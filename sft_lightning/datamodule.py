@@ -156,10 +156,11 @@ class ChatMLDataModule(LightningDataModule):
     def _tokenize(self, name: str) -> Mixture:
         """Each file of each source tokenised on its own (and cached so), then the mixture drawn from them."""
         h = self.hparams
-        share, workers = self._share(), h.preprocessing_workers
-        if workers is None and self.trainer is not None and self.trainer.num_devices > 1:
-            # The ranks on a node (its devices) share its CPUs; with a cache each prepares its share of every file.
-            workers = max((os.cpu_count() or 1) // self.trainer.num_devices, 1)
+        layout = self._run_layout()
+        share, workers = self._share(layout), h.preprocessing_workers
+        if workers is None and layout.processes_per_node > 1:
+            # The ranks on a node share its CPUs; with a cache each prepares its share of every file.
+            workers = max((os.cpu_count() or 1) // layout.processes_per_node, 1)
         sources = resolve_sources(h[f"{name}_path"], f"{name}_path", h.format)
         parts = [
             [tokenize_split(str(file), self.tokenizer, h.max_length, h.train_on, h.cache_dir, workers,
@@ -169,16 +170,19 @@ class ChatMLDataModule(LightningDataModule):
         ]
         return Mixture(sources, parts, h.seed, f"{name}_path", h.weight_by)
 
-    def _share(self) -> Optional[Share]:
+    def _run_layout(self) -> RunLayout:
+        """The connected layout; before it is (Lightning calls the data module's setup before the callbacks' and
+        prepare_data before both), the trainer's, read by the layout itself; one process without a trainer."""
+        if self._layout is not None:
+            return self._layout
+        return RunLayout.of(self.trainer) if self.trainer is not None else RunLayout()
+
+    def _share(self, layout: RunLayout) -> Optional[Share]:
         """This process's part in preparing the data with the others of a multi-process run (with a cache): every
         rank renders its share of each file into it, all read all; made once, by every process (a collective)."""
-        if self.hparams.cache_dir is None or self.trainer is None:
+        if self.hparams.cache_dir is None or not layout.distributed:
             return None
         if self._preparation_share is None:
-            # Setup comes before the callbacks connect the layout (Lightning calls the data module's first).
-            layout = self._layout or RunLayout.of(self.trainer)
-            if not layout.distributed:
-                return None
             self._preparation_share = Share.of_run(layout)
         return self._preparation_share
 
@@ -209,7 +213,7 @@ class ChatMLDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         # One process alone: tokenised before the loggers make their folders, so that bad data leaves nothing behind.
         # Several: every rank prepares its share of each file in setup() (see _share).
-        if self.trainer is None or RunLayout.of(self.trainer).distributed:
+        if self.trainer is None or self._run_layout().distributed:
             return
         for name in sum(self._split_names(self.trainer.state.fn.value), ()):
             if self.hparams[f"{name}_path"] is not None:
