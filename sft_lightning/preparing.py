@@ -5,10 +5,11 @@ table's records. A process renders its tasks through a pool of forked workers an
 split's arrays as it comes (:class:`_Writer`), so memory holds a few tasks whatever the file's size.
 
 In a run of several processes with a cache (:class:`Share`), every rank renders every ``processes``-th task into a
-parts folder beside the cache entry, all wait (without a time limit: a barrier of its own, not the run's process
-group, whose timeout would fire on a long preparation), the first rank of each node joins the parts into the entry
-(rendering any part its node cannot see, so a cache folder that is not shared between nodes still works), all wait
-again, and every rank reads the same arrays.
+parts folder beside the cache entry, all wait (without a time limit: a group of its own, not the run's, whose timeout
+would fire on a long preparation), the first rank of each node joins the parts into the entry (rendering any part its
+node cannot see, so a cache folder that is not shared between nodes still works), all wait again, and every rank
+reads the same arrays. Each wait is an exchange of errors through that group, not the file system: an error on any
+rank is raised on every one, whichever node's folder it happened beside.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import json
 import pickle
+import shutil
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -65,12 +67,13 @@ class RenderSettings(NamedTuple):
 @dataclass(frozen=True)
 class Share:
     """This process's part in preparing with the others of its run: it renders the tasks ``rank``, ``rank +
-    processes``, ...; ``first_on_node`` joins the parts; ``barrier`` waits for every process, without a time limit."""
+    processes``, ...; ``first_on_node`` joins the parts. ``gather(value)``: every process's value, in rank order, once
+    every process has given its own (without a time limit)."""
 
     rank: int
     processes: int
     first_on_node: bool
-    barrier: Callable[[], None]
+    gather: Callable[[Optional[str]], list[Optional[str]]]
 
     @classmethod
     def of_run(cls, layout: RunLayout) -> "Share":
@@ -79,41 +82,64 @@ class Share:
 
         # A group of its own, on gloo, with no practical time limit: the run's may be NCCL with a timeout of minutes.
         group = dist.new_group(backend="gloo", timeout=timedelta(days=10_000))
-        return cls(layout.rank, layout.processes, layout.local_rank == 0, lambda: dist.barrier(group=group))
+
+        def gather(value: Optional[str]) -> list[Optional[str]]:
+            values = [None] * layout.processes
+            dist.all_gather_object(values, value, group=group)
+            return values
+
+        return cls(layout.rank, layout.processes, layout.local_rank == 0, gather)
+
+    def settle(self, error: Optional[str]) -> None:
+        """Wait for every process; then the first error any of them had (``error``: this one's, or None) is raised
+        on all."""
+        failed = [message for message in self.gather(error) if message is not None]
+        if failed:
+            raise DataError(failed[0])
+
+    def attempt(self, work: Callable[[], object]) -> tuple[object, Optional[str]]:
+        """(``work()``, None), or (None, its error's message) for :meth:`settle` to raise on every process, rather
+        than leave them waiting for this one."""
+        try:
+            return work(), None
+        except Exception as err:
+            return None, str(err) if isinstance(err, DataError) else f"rank {self.rank}: {err!r}"
 
 
-def prepare(path: str, tokenizer, settings: RenderSettings, workers: Optional[int], folder: Path,
-            share: Optional[Share] = None, parts: Optional[Path] = None, done: bool = False) -> bool:
-    """Read, render and mask ``path`` into the empty folder ``folder``. With a ``share``: this process's tasks into
-    ``parts`` first, then (the first process on each node) all of them joined into ``folder``, see the module; every
-    process must call it, and an error on any is raised on all (``done``: the cache has it already, so this process
-    only waits with the others). Returns whether ``folder`` was written."""
-    if share is None:
-        tasks, skipped, workers = _planned(path, settings, workers)
-        writer = _Writer(folder, path)
-        for _, chunk in _rendered(tasks, range(len(tasks)), workers, tokenizer, settings, path):
-            writer.add(0, chunk)
-        writer.close(skipped, settings.max_length)
-        return True
-    errors = parts
-    errors.mkdir(parents=True, exist_ok=True)
-    if share.first_on_node:
-        for stale in errors.glob("error-*"):  # from an earlier run that failed
-            stale.unlink(missing_ok=True)
-    share.barrier()
-    planned = None if done else shared(errors, share.rank, lambda: _planned(path, settings, workers, share.processes))
+def prepare(path: str, tokenizer, settings: RenderSettings, workers: Optional[int], folder: Path) -> None:
+    """Read, render and mask ``path`` into the empty folder ``folder``, in this process (and its workers)."""
+    tasks, skipped, workers = _planned(path, settings, workers)
+    writer = _Writer(folder, path)
+    for _, chunk in _rendered(tasks, range(len(tasks)), workers, tokenizer, settings, path):
+        writer.add(0, chunk)
+    writer.close(skipped, settings.max_length)
+
+
+def prepare_shared(path: str, tokenizer, settings: RenderSettings, workers: Optional[int], folder: Optional[Path],
+                   share: Share, parts: Path, done: bool, publish: Callable[[], None]) -> None:
+    """:func:`prepare` by every process of a run together (each must call it), see the module: this process's tasks
+    into ``parts``, then the first process on each node joins them into the empty ``folder`` and calls ``publish``.
+    Returns once every node's entry is published; an error on any process is raised on all. ``done``: this
+    process's node has the entry already (``folder`` None), so it renders nothing and only waits with the others."""
+    planned, error = (None, None) if done else share.attempt(lambda: _planned(path, settings, workers, share.processes))
     if planned:
-        tasks, skipped, workers = planned
+        tasks, _, workers = planned
         # Parts of a run killed before they were joined are taken over, where they cut the file the same way.
-        parts = parts / _plan_name(tasks)
-        parts.mkdir(exist_ok=True)
-        mine = [i for i in range(len(tasks)) if i % share.processes == share.rank and not _part(parts, i).exists()]
-        shared(errors, share.rank, lambda: [_save_part(parts, i, (share.rank, chunk))
-                                             for i, chunk in _rendered(tasks, mine, workers, tokenizer, settings, path)])
-    settle(share, errors)
-    if done or not share.first_on_node:
-        return False
-    return shared(errors, share.rank, lambda: _join(path, tokenizer, settings, planned, folder, share, parts)) is not None
+        plan = parts / _plan_name(tasks)
+
+        def render_mine() -> None:
+            plan.mkdir(parents=True, exist_ok=True)
+            mine = [i for i in range(len(tasks)) if i % share.processes == share.rank and not _part(plan, i).exists()]
+            for i, chunk in _rendered(tasks, mine, workers, tokenizer, settings, path):
+                _save_part(plan, i, (share.rank, chunk))
+
+        _, error = share.attempt(render_mine)
+    share.settle(error)
+    if planned and share.first_on_node:
+        _, error = share.attempt(lambda: (_join(path, tokenizer, settings, planned, folder, share.rank, plan), publish()))
+    share.settle(error)
+    if share.first_on_node:  # every process is past reading them (rendering the same file again finds it done)
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def _plan_name(tasks: list) -> str:
@@ -122,34 +148,16 @@ def _plan_name(tasks: list) -> str:
     return hashlib.sha256(repr(cuts).encode()).hexdigest()[:16]
 
 
-def settle(share: Share, parts: Path) -> None:
-    """Wait for every process; then an error any of them left is raised on all."""
-    share.barrier()
-    failed = sorted(parts.glob("error-*"))
-    if failed:
-        raise DataError(failed[0].read_text())
-
-
-def _join(path: str, tokenizer, settings: RenderSettings, planned: tuple, folder: Path, share: Share, parts: Path) -> bool:
-    """The parts joined into ``folder``; parts this node cannot see (a cache folder nodes do not share) rendered here."""
+def _join(path: str, tokenizer, settings: RenderSettings, planned: tuple, folder: Path, rank: int, parts: Path) -> None:
+    """The parts joined into ``folder``; parts this node cannot see (a cache folder nodes do not share) rendered here
+    (by the process of ``rank``)."""
     tasks, skipped, workers = planned
     writer = _Writer(folder, path)
     unseen = [i for i in range(len(tasks)) if not _part(parts, i).exists()]
     late = dict(_rendered(tasks, unseen, workers, tokenizer, settings, path))
     for i in range(len(tasks)):
-        writer.add(*((share.rank, late.pop(i)) if i in late else pickle.loads(_part(parts, i).read_bytes())))
+        writer.add(*((rank, late.pop(i)) if i in late else pickle.loads(_part(parts, i).read_bytes())))
     writer.close(skipped, settings.max_length)
-    return True
-
-
-def shared(parts: Path, rank: int, work: Callable):
-    """``work()``, or None after leaving its error for the other processes to raise as well (rather than leave them
-    waiting for this one)."""
-    try:
-        return work()
-    except Exception as err:
-        (parts / f"error-{rank}").write_text(str(err) if isinstance(err, DataError) else f"rank {rank}: {err!r}")
-        return None
 
 
 def _planned(path: str, settings: RenderSettings, workers: Optional[int], processes: int = 0) -> tuple[list, Counter, int]:

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from sft_lightning import encoding, formats, preparing, records, render, render_once, sources
-from sft_lightning.preparing import RenderSettings, Share, prepare, settle, shared
+from sft_lightning.preparing import RenderSettings, Share, prepare, prepare_shared
 from sft_lightning.errors import DataError
 from sft_lightning.formats import Format
 from sft_lightning.records import OnInvalid
@@ -134,20 +134,17 @@ def tokenize_split(
     if fresh or share is not None:  # every process of a share takes part, whatever it sees
         # Written beside the folder and renamed, so a killed run or a concurrent rank never leaves half a cache.
         folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        parts = folder.parent / f".{folder.name}.parts"
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent)) if fresh else None
         try:
-            if prepare(path, tokenizer, settings, workers, staging, share, parts, not fresh):
-                if share is None:
-                    _publish(staging, folder)
-                else:  # an error here is every process's, as in prepare()
-                    shared(parts, share.rank, lambda: _publish(staging, folder))
+            if share is None:
+                prepare(path, tokenizer, settings, workers, staging)
+                _publish(staging, folder)
+            else:
+                prepare_shared(path, tokenizer, settings, workers, staging, share, folder.parent / f".{folder.name}.parts",
+                               done=not fresh, publish=lambda: _publish(staging, folder))
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if share is not None:
-            settle(share, parts)  # every node's entry is in place, or every process raises the error of one
-            if share.first_on_node:
-                shutil.rmtree(parts, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     split = TokenizedSplit.load(folder)
     split.path, split.from_cache = path, not fresh
     return split

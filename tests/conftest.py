@@ -70,7 +70,12 @@ def cli_fit(config: str, root, *extra: str) -> subprocess.CompletedProcess:
     """``sft-lightning fit --config configs/<config>`` in a subprocess (every rank it launches runs the command's own
     code), writing under ``root``; returns the completed process."""
     args = [sys.executable, "-m", "sft_lightning.cli", *fit_command(config, root, *extra)]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Kept whole beside the run (a failing test shows the tail): every rank writes here, so the first rank's error
+    # can sit far above the last one's.
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "stderr.log").write_text(done.stderr)
+    return done
 
 
 def fit_here(config: str, root, *extra: str) -> None:

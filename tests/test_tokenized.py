@@ -91,11 +91,19 @@ def test_parallel_workers_give_the_same_arrays(tokenizer, monkeypatch, tmp_path)
 
 def shared_runs(cache_dirs, path, tokenizer, **kwargs) -> list:
     """tokenize_split by two "ranks" (threads) that prepare together: the results, or the errors raised."""
-    barrier = threading.Barrier(2, timeout=60)
+    barrier, given = threading.Barrier(2, timeout=60), [None, None]
     results = [None, None]
 
+    def gather(index: int, value):
+        given[index] = value
+        barrier.wait()
+        values = list(given)
+        barrier.wait()  # before either gives its next value
+        return values
+
     def rank(index):
-        share = Share(index, 2, first_on_node=index == 0 or cache_dirs[0] != cache_dirs[1], barrier=barrier.wait)
+        share = Share(index, 2, first_on_node=index == 0 or cache_dirs[0] != cache_dirs[1],
+                      gather=lambda value: gather(index, value))
         try:
             results[index] = tokenize_split(path, tokenizer, 128, "assistant", str(cache_dirs[index]), 0, share=share, **kwargs)
         except DataError as err:
@@ -129,7 +137,9 @@ def test_ranks_prepare_their_shares_into_one_cache_and_fail_together(tokenizer, 
         assert not [p for folder in set(cache_dirs) for p in folder.glob(".*")]  # no parts or staging left
     lines[-2] = json.dumps({"messages": [{"role": "bot", "content": "x"}]})  # in rank 1's last shard
     jsonl.write_text("\n".join(lines) + "\n")
-    errors = shared_runs([tmp_path / "failing"] * 2, str(jsonl), tokenizer)
-    assert all(isinstance(err, DataError) for err in errors) and str(errors[0]) == str(errors[1])
-    assert f"data.jsonl: line {len(lines) - 1}: message 1: unknown role 'bot'" in str(errors[0])
-    assert not list((tmp_path / "failing").glob("*/meta.json"))  # nothing half-written
+    # Raised on both, whether or not the ranks share the folder the error happened beside.
+    for cache_dirs in ([tmp_path / "failing"] * 2, [tmp_path / "failing0", tmp_path / "failing1"]):
+        errors = shared_runs(cache_dirs, str(jsonl), tokenizer)
+        assert all(isinstance(err, DataError) for err in errors) and str(errors[0]) == str(errors[1])
+        assert f"data.jsonl: line {len(lines) - 1}: message 1: unknown role 'bot'" in str(errors[0])
+        assert not [meta for folder in cache_dirs for meta in folder.glob("*/meta.json")]  # nothing half-written
