@@ -112,6 +112,7 @@ class Pieces:
         self.anchor = next(iter(self.added), "")
         self.done: dict[tuple[str, bool], _Piece] = {}
         self.splits: dict[str, list] = {}  # the prefetched texts' parts
+        self.tails: dict[str, list[int]] = {}  # the ids of texts read after an added token (turns' prompts end so)
 
     def prefetch(self, texts: Iterable[str]) -> None:
         """Encode, in one call, every piece of ``texts`` not encoded yet."""
@@ -142,6 +143,13 @@ class Pieces:
                 ids.append(self.added[key])
                 cuts.append((position + len(key), len(ids)))
         return ids, Offsets(spans, len(ids)), cuts
+
+    def tail_ids(self, tail: str) -> list[int]:
+        """The ids of ``tail`` read after an added token (as :meth:`encode` of a text from just after one): a turn's
+        prompt ends in the same few such tails, so they are kept."""
+        if tail not in self.tails:
+            self.tails[tail] = self.encode(self.anchor + tail, len(self.anchor))[0]
+        return self.tails[tail]
 
     def _parts(self, text: str, start: int = 0) -> list[tuple[int, object]]:
         """(character, part) for each part of ``text[start:]``: an added token's text, or for a stretch between
@@ -204,6 +212,16 @@ class Encoder(NamedTuple):
         if text not in self.done:
             self.done[text] = self._encode_literals(text) if self.literals else self._assemble(text)
         return self.done[text]
+
+    def prefix_ids(self, text: str) -> list[int]:
+        """The ids of ``text`` (as ``self(text)[0]``), without its offsets: for a prefix of the longest text assembled
+        so far, that text's ids up to its last added token inside the prefix, and the kept ids of the rest."""
+        base = self.done.get(None)
+        cut = bisect_right(base[3], len(text), key=lambda cut: cut[0]) if base and base[0].startswith(text) else 0
+        if self.literals or not cut:  # (cuts are found only where texts are assembled from pieces)
+            return self(text)[0]
+        position, count = base[3][cut - 1]
+        return base[1][:count] + self.pieces.tail_ids(text[position:])
 
     def _assemble(self, text: str) -> Encoded:
         """From the pieces; a prefix of the longest text assembled so far (a turn's prompt, of the conversation)

@@ -204,26 +204,67 @@ def training_samples_batch(
         probe = partial(render_text, tokenizer, tools=None, system_message=system_message)
         found, direct = render_once.plan(tokenizer, probe, added, system_message)
     marks = any_of((*added, *render_once.REASONING_MARKS))
-    for (messages, tools), render in zip(conversations, renders):
+    cut: dict[int, tuple[str, dict]] = {}  # conversation -> (its rendering, its turns' texts cut from it)
+    for index, ((messages, tools), render) in enumerate(zip(conversations, renders)):
         if found and train_on != "all" and render_once.plain(messages, tools, marks):
             try:
                 whole = render.done[(len(messages), False)] = (direct or render)(messages, False)
                 texts = render_once.prefix_texts(messages, whole, found)
             except TemplateError:
                 continue
-            render.done.update(texts or {})
-    pieces.prefetch(text for (messages, _), render in zip(conversations, renders)
-                    for text in _texts(messages, render, train_on))
+            if texts:
+                render.done.update(texts)
+                cut[index] = whole, texts
+    # Read off the whole conversation's ids (where the pieces are the tokenizer's own cut), a conversation with its
+    # turns' texts cut needs only the whole one's pieces.
+    read_off = cut if pieces.cut is not None else {}
+    pieces.prefetch(text for index, ((messages, _), render) in enumerate(zip(conversations, renders))
+                    for text in ((read_off[index][0],) if index in read_off else _texts(messages, render, train_on)))
     results = []
-    for (messages, tools), render in zip(conversations, renders):
+    for index, ((messages, tools), render) in enumerate(zip(conversations, renders)):
         try:
             if not split_special_tokens:
                 _refuse_special_text(messages, specials)
             encode = Encoder.of(messages, pieces, specials.texts, split_special_tokens)
-            results.append(_samples(messages, tools, encode, specials, render, train_on, max_length, system_message))
+            samples = None
+            if index in read_off and not encode.literals:
+                samples = _read_off(messages, *read_off[index], encode, specials, train_on, max_length)
+            results.append(samples or _samples(messages, tools, encode, specials, render, train_on, max_length,
+                                               system_message))
         except TemplateError as err:
             results.append(err)
     return results
+
+
+def _read_off(messages: list[dict], whole: str, texts: dict[tuple[int, bool], str], encode: Encoder,
+              specials: _Specials, train_on: TrainOn, max_length: int | None) -> list[RenderedSample] | None:
+    """What :func:`_samples` gives a conversation whose turns' texts are all prefixes of ``whole`` (``texts``, see
+    :func:`render_once.prefix_texts`), read off the ids of ``whole`` instead of assembled turn by turn: each trained
+    turn's prompt ids start them, its answer runs from there to the first special token, which is the first special
+    text after its content. None where any of that does not hold (a boundary that tokenises differently, content that
+    ends in a special token's text), for _samples to decide as it always does, with the same result where it holds.
+    """
+    ids, offsets = encode(whole)
+    labels = [IGNORE_INDEX] * len(ids)
+    turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    for k in turns[-1:] if train_on == "last" else turns:
+        prompt_end, through = len(texts[(k, True)]), len(texts[(k + 1, False)])
+        prompt = encode.prefix_ids(texts[(k, True)])
+        start = len(prompt)
+        # _samples' _continuation: the prompt's ids start the text's, no token merges across the boundary.
+        if ids[:start] != prompt:
+            return None
+        # _turn's end-of-turn token: the first special one after the content, within the turn's text.
+        anchor = prompt_end + _content_end(whole[prompt_end:through], messages[k])
+        found = specials.pattern.search(whole, prompt_end)
+        end = next((t for t in range(start, len(ids)) if ids[t] in specials.ids), None)
+        if found is None or end is None or not anchor <= found.start() == offsets[end][0] < through:
+            return None
+        visible = _visible(messages[k]["content"])
+        if visible and not whole[prompt_end : found.start()].rstrip().endswith(visible):
+            return None  # _turn raises its error
+        labels[start : end + 1] = ids[start : end + 1]
+    return [_cut(ids, labels, max_length)] if turns else None
 
 
 def _texts(messages: list[dict], render, train_on: TrainOn) -> list[str]:

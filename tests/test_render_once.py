@@ -10,11 +10,17 @@ from tokenizers import AddedToken
 from sft_lightning import render_once
 from sft_lightning.encoding import Pieces, cuts_exactly
 from sft_lightning.render import render_text, training_samples_batch
+from tests.conftest import CHATML_TEMPLATE, word_tokenizer
 from tests.template_check import CONVERSATIONS, TOOL_CONVERSATIONS, TOOLS, real_template_tokenizer, real_templates
 from tests.test_real_templates import SENTENCEPIECE
 
 TEMPLATES = real_templates()
-BATCH = [(messages, None) for messages in CONVERSATIONS.values()] + [(messages, TOOLS) for messages in TOOL_CONVERSATIONS]
+# Answers that end in what the end-of-turn token's text holds: the last place the content is found is inside that
+# token, so the turn is read as rendering turn by turn reads it, not off the whole conversation's ids.
+INSIDE_THE_END = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": name}]
+                  for name in ("im_end", "eot_id", "end_of_turn", "/s", "|end|")]
+BATCH = ([(messages, None) for messages in [*CONVERSATIONS.values(), *INSIDE_THE_END]]
+         + [(messages, TOOLS) for messages in TOOL_CONVERSATIONS])
 # Families that render history as it was: their plain conversations take one rendering each.
 RENDERED_ONCE = ["Qwen--Qwen2.5-3B-Instruct.jinja", "meta-llama--Llama-3.1-8B-Instruct.jinja",
                  "google--gemma-3-1b-it.jinja"]
@@ -121,3 +127,19 @@ def test_a_template_is_probed_once_and_again_when_it_changes(chatml_tokenizer, m
     training_samples_batch([(messages, None)], chatml_tokenizer)
     training_samples_batch([(messages, None)], chatml_tokenizer, system_message="error")  # rendered another way
     assert len(probed) == 3
+
+
+def test_conversations_a_template_renders_unlike_its_probes_are_read_turn_by_turn(chatml_tokenizer):
+    # Read off the whole conversation's ids only where that gives what rendering turn by turn gives: not where the
+    # template adds to one answer's content (an error), nor where the token after the content is not special.
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"},
+                {"role": "user", "content": "how"}, {"role": "assistant", "content": "fine"}]
+    chatml_tokenizer.chat_template = CHATML_TEMPLATE.replace("m['content']", "(m['content'] + (' thanks' if m['content'] == 'bye' else ''))")
+    assert layout_of(chatml_tokenizer) is not None
+    [once], [reference] = (training_samples_batch([(messages, None)], chatml_tokenizer, once=flag) for flag in (True, False))
+    assert "renders more than the content" in str(reference) and repr(once) == repr(reference)
+    plain = word_tokenizer(["<pad>", "<|im_start|>"], CHATML_TEMPLATE, eos_token="<pad>")
+    plain.add_tokens(["<|im_end|>"])  # added, not special: the turn ends at the next special token
+    assert layout_of(plain) is not None
+    [once], [reference] = (training_samples_batch([(messages, None)], plain, once=flag) for flag in (True, False))
+    assert not isinstance(reference, Exception) and repr(once) == repr(reference)
