@@ -6,7 +6,8 @@ For each fixture (the long-tailed conversations of ``benchmarks/throughput.py`` 
 saved as a Hugging Face folder with the shipped ChatML tokenizer), one after another, each in a fresh process:
 
 - ``sft-lightning fit``, padded and packed: the real command (imports, tokenisation, one epoch, checkpoint,
-  export to ``hf_model/``), and packed once more with ``--model.lm_head_chunk_tokens=null`` (whole logits);
+  export to ``hf_model/``), and packed twice more: with ``--model.lm_head_chunk_tokens=null`` (whole logits) and
+  with ``--model.lm_head_chunk_above_mb=0`` (the LM head in chunks even where the logits are small);
 - a plain loop, padded and packed: what a user writes by hand (load, HF forward with labels, AdamW, save);
 - the packed run with validation on held-out conversations, without and with generation on them while training
   (``eval.*`` at its defaults): what evaluation while training costs;
@@ -186,9 +187,12 @@ def main() -> None:
             runs = {
                 "sft-lightning padded": sft_lightning_command(data, model, folder / "padded", False, cuda),
                 "sft-lightning packed": sft_lightning_command(data, model, folder / "packed", True, cuda),
-                # The LM head and loss on whole logits, as before they ran in chunks (model.lm_head_chunk_tokens).
+                # The LM head and loss on whole logits, as before they ran in chunks (model.lm_head_chunk_tokens), and
+                # in chunks whatever the logits' size (by default only above model.lm_head_chunk_above_mb).
                 "sft-lightning packed, whole logits": sft_lightning_command(data, model, folder / "whole", True, cuda)
                 + ["--model.lm_head_chunk_tokens=null"],
+                "sft-lightning packed, always chunks": sft_lightning_command(data, model, folder / "chunks", True, cuda)
+                + ["--model.lm_head_chunk_above_mb=0"],
                 # Validation loss on held-out conversations in both; generation on them (eval.*, at its defaults) in one.
                 "eval cost: packed + validation": sft_lightning_command(data, model, folder / "val", True, cuda)
                 + [f"--data.val_path={held_out}", "--eval.num_prompts=0"],

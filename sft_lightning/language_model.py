@@ -113,12 +113,14 @@ class TrainingChanges(NamedTuple):
 
 
 def prepare_for_training(model, vocabulary: int, pretrained: bool, gradient_checkpointing: bool,
-                         activation_offloading: bool, lm_head_chunk_tokens: Optional[int]) -> TrainingChanges:
+                         activation_offloading: bool, lm_head_chunk_tokens: Optional[int],
+                         lm_head_chunk_above_mb: float = 0.0) -> TrainingChanges:
     """Make a built model ready to train here: the tokenizer's ``vocabulary`` (the ChatML fallback adds
     <|im_start|>/<|im_end|> to a template-less tokenizer; new rows start at the mean embedding, and a model without
     weights yet, on meta, gets them from its checkpoint), activation checkpointing (each checkpointed layer's input in
     pinned host memory with ``activation_offloading``), linear-attention layers that keep packed samples apart, and the
-    LM head scored in chunks of ``lm_head_chunk_tokens`` positions."""
+    LM head scored in chunks of ``lm_head_chunk_tokens`` positions where a micro-batch's logits would take more than
+    ``lm_head_chunk_above_mb`` MiB."""
     added = max(vocabulary - model.get_input_embeddings().num_embeddings, 0)
     if added:
         model.resize_token_embeddings(vocabulary, mean_resizing=pretrained)
@@ -131,7 +133,7 @@ def prepare_for_training(model, vocabulary: int, pretrained: bool, gradient_chec
         model.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
     linear_layers = keep_linear_attention_apart(model)
     if lm_head_chunk_tokens:
-        why_not = install_chunked_head(model, lm_head_chunk_tokens)
+        why_not = install_chunked_head(model, lm_head_chunk_tokens, lm_head_chunk_above_mb * 2**20)
         if why_not and pretrained:
             rank_zero_info(f"model.lm_head_chunk_tokens: the LM head and the loss run unchunked: {why_not}")
     return TrainingChanges(added, linear_layers)

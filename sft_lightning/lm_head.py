@@ -9,6 +9,10 @@ them into gradients right away (``softmax - onehot``), so the peak is one chunk'
 validation and test alike. Numerics follow the unchunked path: logits from the layer's own matmul (under autocast
 in bf16), upcast to float32 for the softmax.
 
+Chunks cost a recompute of the head in the backward (about 12% of a step at a small vocabulary), which buys nothing
+where the logits are small: a micro-batch whose logits (with their float32 copy and gradient, :func:`logits_bytes`)
+take no more than ``chunk_above_bytes`` is scored whole, by autograd, with the same results.
+
 Outside :meth:`~ChunkedLMHead.scoring` (generation, chat, export, the packing check) it is the plain linear layer.
 """
 
@@ -27,6 +31,14 @@ from sft_lightning.loss import gather_supervised
 # Config attributes by which a model transforms its logits after the head (Gemma 2/3 soft-capping, Cohere and
 # Granite scaling): the loss must see the transformed logits, so such models keep the unchunked path.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# The defaults of model.lm_head_chunk_tokens and model.lm_head_chunk_above_mb (the memory plan reads them too).
+CHUNK_TOKENS, CHUNK_ABOVE_MB = 512, 256.0
+
+
+def logits_bytes(positions: int, vocabulary: int, element_bytes: float) -> float:
+    """Bytes of the logits of ``positions`` over ``vocabulary`` kept for the backward: in the head's compute dtype
+    (``element_bytes``), their float32 copy, and its gradient."""
+    return positions * vocabulary * (element_bytes + 4 + 4)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -85,6 +97,7 @@ class ChunkedLMHead(nn.Linear):
     """The model's output layer, which scores targets in chunks while :meth:`scoring` is active."""
 
     chunk_tokens: int = 512
+    chunk_above_bytes: float = 0.0  # logits of at most this many bytes are scored whole
     _positions: Optional[SupervisedPositions] = None
     _every_position = False
 
@@ -104,16 +117,21 @@ class ChunkedLMHead(nn.Linear):
             return super().forward(hidden)
         if self._every_position:
             hidden = hidden[:, self._positions.keep]
-        nll, correct = ChunkedCrossEntropy.apply(
-            gather_supervised(hidden, self._positions), self.weight, self.bias, self._positions.targets,
-            self.chunk_tokens,
-        )
+        hidden, targets = gather_supervised(hidden, self._positions), self._positions.targets
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
+        if logits_bytes(len(targets), self.out_features, compute.itemsize) <= self.chunk_above_bytes:
+            logits = F.linear(hidden, self.weight, self.bias).float()
+            nll, correct = F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(dim=-1) == targets).sum()
+        else:
+            nll, correct = ChunkedCrossEntropy.apply(hidden, self.weight, self.bias, targets, self.chunk_tokens)
         return torch.stack([nll, correct.to(nll.dtype)])
 
 
-def install_chunked_head(model: nn.Module, chunk_tokens: int) -> Optional[str]:
+def install_chunked_head(model: nn.Module, chunk_tokens: int, chunk_above_bytes: float = 0.0) -> Optional[str]:
     """Make the model's output layer a :class:`ChunkedLMHead` in place (its parameters, hooks and tying kept, so
-    FSDP2, DeepSpeed and checkpoints see the same module). Returns why not, where it cannot be."""
+    FSDP2, DeepSpeed and checkpoints see the same module), scoring ``chunk_tokens`` positions at a time where a
+    micro-batch's logits would take more than ``chunk_above_bytes``. Returns why not, where it cannot be."""
     head = model.get_output_embeddings()
     transforms = [name for name in LOGIT_TRANSFORMS if getattr(model.config, name, None) not in (None, 1, 1.0)]
     if transforms:
@@ -121,5 +139,5 @@ def install_chunked_head(model: nn.Module, chunk_tokens: int) -> Optional[str]:
     if type(head) is not nn.Linear:
         return f"its output layer is a {type(head).__name__}, not a plain linear layer"
     head.__class__ = ChunkedLMHead  # only forward differs: same parameters, buffers and hooks
-    head.chunk_tokens = chunk_tokens
+    head.chunk_tokens, head.chunk_above_bytes = chunk_tokens, chunk_above_bytes
     return None

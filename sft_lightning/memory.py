@@ -37,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from sft_lightning.adapters import as_lora
 from sft_lightning.errors import ConfigError
 from sft_lightning.language_model import language_model_config
+from sft_lightning.lm_head import CHUNK_ABOVE_MB, CHUNK_TOKENS, logits_bytes
 from sft_lightning.moe import moe_of
 from sft_lightning.sequence_parallel import divisors
 
@@ -123,7 +124,8 @@ def plan_memory(
     quantization: Optional[str] = None,
     supervised_share: float = 0.5,
     nodes: int = 1,
-    lm_head_chunk_tokens: Optional[int] = 512,
+    lm_head_chunk_tokens: Optional[int] = CHUNK_TOKENS,
+    lm_head_chunk_above_mb: float = CHUNK_ABOVE_MB,
     accumulated_gradients: bool = False,
     activation_offloading: bool = False,
     sequence_parallel: int = 1,
@@ -133,7 +135,8 @@ def plan_memory(
     ``weight_bytes``: bytes per stored weight (4 for float32 master weights, 2 for bfloat16); ``tokens_per_gpu``:
     tokens in one micro-batch on one GPU; ``supervised_share``: share of positions whose logits are kept;
     ``nodes``: how many nodes the GPUs are on (for the host RAM of offloading); ``lm_head_chunk_tokens``: positions
-    whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position);
+    whose logits exist at once (``model.lm_head_chunk_tokens``; None: every supervised position), where the whole
+    micro-batch's would take more than ``lm_head_chunk_above_mb`` MiB (``model.lm_head_chunk_above_mb``);
     ``accumulated_gradients``: an unsharded float32 gradient is kept between reductions (FSDP2 accumulating);
     ``activation_offloading``: the activations saved for the backward (with checkpointing, each layer's input) are in
     host memory, and the GPU keeps one layer's working set; ``sequence_parallel``: the GPUs that split each micro-batch
@@ -168,8 +171,9 @@ def plan_memory(
     without = per_layer * layers
     with_checkpointing = tokens * hidden * layers * mixed_or_true + per_layer
     positions = tokens * supervised_share
-    positions = min(positions, lm_head_chunk_tokens) if lm_head_chunk_tokens else positions
-    logits = positions * config.vocab_size * (mixed_or_true + 4 + 4)  # logits, their float32 copy, their gradient
+    if lm_head_chunk_tokens and logits_bytes(positions, config.vocab_size, mixed_or_true) > lm_head_chunk_above_mb * 2**20:
+        positions = min(positions, lm_head_chunk_tokens)
+    logits = logits_bytes(positions, config.vocab_size, mixed_or_true)
     temporary = 0.0 if sharding.offload_optimizer else split(trainable * 4.0, sharding.optimizer)
     activations = with_checkpointing if checkpointing else without
     on_host = activations - per_layer if activation_offloading else 0.0
@@ -363,7 +367,8 @@ def plan_of_config(config: str, gpus: Optional[int] = None, nodes: Optional[int]
         lora=model.get("lora"),
         quantization=model.get("quantization"),
         nodes=nodes,
-        lm_head_chunk_tokens=model.get("lm_head_chunk_tokens", 512),
+        lm_head_chunk_tokens=model.get("lm_head_chunk_tokens", CHUNK_TOKENS),
+        lm_head_chunk_above_mb=model.get("lm_head_chunk_above_mb", CHUNK_ABOVE_MB),
         accumulated_gradients=fsdp2 and trainer.get("accumulate_grad_batches", 1) > 1
         and not init_args.get("reduce_every_micro_batch", False),
         activation_offloading=bool(model.get("activation_offloading")),

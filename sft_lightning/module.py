@@ -16,7 +16,7 @@ from sft_lightning.errors import ConfigError
 from sft_lightning.generation import GenerationSettings, Reply, generate_replies
 from sft_lightning.language_model import DType, build_causal_lm, prepare_for_training
 from sft_lightning.layout import RunLayout, connected
-from sft_lightning.lm_head import ChunkedLMHead
+from sft_lightning.lm_head import CHUNK_ABOVE_MB, CHUNK_TOKENS, ChunkedLMHead
 from sft_lightning.moe import MoE, StepRouter, moe_of, router_balance
 from sft_lightning.nonfinite import NonFiniteGuard, nonfinite_error
 from sft_lightning.loss import EvaluationMetrics, TokenStats, gather_supervised, micro_batch_loss, token_stats
@@ -42,7 +42,8 @@ class SFTLitModule(LightningModule):
         temperature: float = 0.0,
         top_p: float = 1.0,
         packing_check: bool = True,
-        lm_head_chunk_tokens: Optional[int] = 512,
+        lm_head_chunk_tokens: Optional[int] = CHUNK_TOKENS,
+        lm_head_chunk_above_mb: float = CHUNK_ABOVE_MB,
         nonfinite_patience: int = 5,
         lora: Optional[LoRA] = None,
         quantization: Optional[Quantization] = None,
@@ -77,6 +78,10 @@ class SFTLitModule(LightningModule):
                 backward (recomputed), so a big vocabulary's logits never exist whole (a 151,936-token vocabulary:
                 ~0.3 GB of float32 logits per 512 positions); null: the whole micro-batch at once. Models that
                 transform their logits after the head (Gemma 2 soft-capping) always run whole, with a line saying so.
+            lm_head_chunk_above_mb: chunks only for a micro-batch whose logits would take more than this many MiB
+                whole (positions x vocabulary x (2 or 4 + 8) bytes: the logits, their float32 copy and gradient);
+                smaller ones are scored whole, as the chunks' recompute costs more than they save there (~12% of a
+                step at a small vocabulary). 0: always in chunks.
             nonfinite_patience: an optimizer step whose loss or gradient is NaN or infinite is skipped (weights and
                 optimizer state untouched) and counted in ``train_nonfinite_steps``; this many in a row stop the
                 run with an error that names the last checkpoint, which holds only finite weights.
@@ -170,7 +175,7 @@ class SFTLitModule(LightningModule):
         )
         self._added_tokens, self._linear_layers = prepare_for_training(
             model, len(self.tokenizer), pretrained, h.gradient_checkpointing, h.activation_offloading,
-            h.lm_head_chunk_tokens,
+            h.lm_head_chunk_tokens, h.lm_head_chunk_above_mb,
         )
         return model
 

@@ -46,14 +46,16 @@ class GradientRecorder(L.Callback):
 
 def train_gradients(
     tmp_path, batch_size: int, accumulate: int = 1, devices: int = 1, strategy: str = "auto", steps: int = 2,
-    model: str = TINY_QWEN, lm_head_chunk_tokens: int | None = 512, **data_args,
+    model: str = TINY_QWEN, lm_head_chunk_tokens: int | None = 512, lm_head_chunk_above_mb: float = 0.0, **data_args,
 ) -> list[dict[str, torch.Tensor]]:
+    """The gradients of each step; the tiny models' logits are small, so the LM head runs in chunks here only because
+    ``lm_head_chunk_above_mb`` is 0 (the default of these runs, which compare ranks and strategies)."""
     L.seed_everything(0)
     module = SFTLitModule(model, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant",
-                          lm_head_chunk_tokens=lm_head_chunk_tokens)
+                          lm_head_chunk_tokens=lm_head_chunk_tokens, lm_head_chunk_above_mb=lm_head_chunk_above_mb)
     data = ChatMLDataModule(train_path=TRAIN, tokenizer_path=model, batch_size=batch_size, max_length=64, seed=1,
                             cache_dir=None, **data_args)
-    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{lm_head_chunk_tokens}-{sorted(data_args.items())}.pt"
+    path = tmp_path / f"gradients-{batch_size}x{accumulate}x{devices}-{lm_head_chunk_tokens}-{lm_head_chunk_above_mb}-{sorted(data_args.items())}.pt"
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, accumulate_grad_batches=accumulate,
         logger=False, callbacks=[ConnectRunLayout(module, data), GradientRecorder(path)], enable_checkpointing=False, enable_progress_bar=False,

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from sft_lightning.collate import collate_training
-from sft_lightning.lm_head import ChunkedCrossEntropy, ChunkedLMHead, install_chunked_head
+from sft_lightning.collate import SupervisedPositions
+from sft_lightning.lm_head import CHUNK_ABOVE_MB, ChunkedCrossEntropy, ChunkedLMHead, install_chunked_head, logits_bytes
 from sft_lightning.module import SFTLitModule
 from tests.conftest import TINY_LLAMA, TINY_QWEN
 from tests.helpers import assert_same_gradients, train_gradients
@@ -35,17 +36,36 @@ def test_chunked_cross_entropy_equals_the_whole_logits(bias):
 
 @pytest.mark.parametrize("model, packing", [(TINY_QWEN, False), (TINY_LLAMA, True)], ids=["tied-padded", "untied-packed"])
 def test_chunked_training_gradients_equal_unchunked(tmp_path, model, packing):
-    # 5 positions a chunk: every micro-batch spans several chunks; accumulation 2 over 2 optimizer steps.
+    # 5 positions a chunk: every micro-batch spans several chunks; accumulation 2 over 2 optimizer steps. And by
+    # default, the tiny vocabulary's logits below lm_head_chunk_above_mb: scored whole, the same again.
     common = dict(batch_size=8, accumulate=2, model=model, packing=packing)
     reference = train_gradients(tmp_path, lm_head_chunk_tokens=None, **common)
     assert_same_gradients(train_gradients(tmp_path, lm_head_chunk_tokens=5, **common), reference)
+    assert_same_gradients(train_gradients(tmp_path, lm_head_chunk_tokens=5, lm_head_chunk_above_mb=CHUNK_ABOVE_MB,
+                                          **common), reference)
+
+
+def test_the_head_runs_in_chunks_only_where_the_logits_are_larger_than_chunk_above(monkeypatch):
+    head = torch.nn.Linear(16, 101)
+    calls = []
+    original = ChunkedCrossEntropy.apply
+    monkeypatch.setattr(ChunkedCrossEntropy, "apply", lambda *args: calls.append(args) or original(*args))
+    hidden, targets = torch.randn(1, 37, 16), torch.randint(0, 101, (37,))
+    positions = SupervisedPositions(torch.arange(36), torch.arange(36), targets[1:])
+    scores = {}
+    for above in (logits_bytes(36, 101, 4), logits_bytes(36, 101, 4) - 1):  # float32: 36 x 101 x 12 bytes
+        head.__class__, head.chunk_tokens, head.chunk_above_bytes = ChunkedLMHead, 8, above
+        with head.scoring(positions, every_position=True):
+            scores[len(calls)] = head(hidden)
+    assert len(calls) == 1  # whole at exactly the limit, in chunks one byte below it
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-6, atol=0)
 
 
 def test_chunked_evaluation_metrics_equal_unchunked():
     batch_of = None
     stats = {}
     for chunk in (None, 3):
-        module = SFTLitModule(TINY_QWEN, lm_head_chunk_tokens=chunk)
+        module = SFTLitModule(TINY_QWEN, lm_head_chunk_tokens=chunk, lm_head_chunk_above_mb=0)
         module.configure_model()
         assert isinstance(module.model.get_output_embeddings(), ChunkedLMHead) == (chunk is not None)
         if batch_of is None:

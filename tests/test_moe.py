@@ -25,7 +25,7 @@ def padded_batch(count: int = 6):
 
 @pytest.mark.parametrize("lm_head_chunk_tokens", [16, None], ids=["chunked", "whole"])
 def test_the_balancing_loss_and_its_gradient_are_the_models_own(lm_head_chunk_tokens):
-    module = SFTLitModule(MOE, lm_head_chunk_tokens=lm_head_chunk_tokens)
+    module = SFTLitModule(MOE, lm_head_chunk_tokens=lm_head_chunk_tokens, lm_head_chunk_above_mb=0)
     module.configure_model()
     module.train()
     batch = padded_batch()

@@ -27,7 +27,7 @@ def test_the_counter_counts_what_waits_for_a_gpu():
 @pytest.mark.parametrize("packing, lm_head_chunk_tokens, accumulate", [("true", "512", 2), ("false", "null", 1)],
                          ids=["packed-chunked-accumulate2", "padded-whole-head"])
 def test_one_host_sync_per_micro_batch(tmp_path, packing, lm_head_chunk_tokens, accumulate):
-    fit_here("tiny.yaml", tmp_path, f"--data.packing={packing}", f"--model.lm_head_chunk_tokens={lm_head_chunk_tokens}",
+    fit_here("tiny.yaml", tmp_path, f"--data.packing={packing}", f"--model.lm_head_chunk_tokens={lm_head_chunk_tokens}", "--model.lm_head_chunk_above_mb=0",
              f"--trainer.accumulate_grad_batches={accumulate}", "--data.batch_size=2", "--trainer.precision=bf16-mixed",
              "--trainer.max_steps=3",
              "--trainer.log_every_n_steps=1000", "--data.val_path=null",
