@@ -7,11 +7,14 @@ each parses a config exactly as fit does.
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
@@ -20,7 +23,7 @@ from sft_lightning.adapters import as_lora, quantization_config
 from sft_lightning.checkpoint_loading import module_arguments
 from sft_lightning.checkpointing import AtomicCheckpointIO, ResumableCheckpoint, newest_checkpoint
 from sft_lightning.datamodule import ChatMLDataModule
-from sft_lightning.errors import ConfigError, DataError
+from sft_lightning.errors import USER_ERRORS, ConfigError, DataError
 from sft_lightning.evaluation import GenerationEval
 from sft_lightning.export import export
 from sft_lightning.fit_summary import FitSummary
@@ -49,6 +52,24 @@ class SaveRunConfig(SaveConfigCallback):
             self.already_saved = True
             return
         super().setup(trainer, pl_module, stage)
+
+
+class NoEmptyLogFolder(Callback):
+    """A run that fails before writing anything leaves no log folder. Lightning makes the logger's folder before the
+    data module's setup (so that loggers have their metadata), and a run of several processes prepares its data
+    there, every rank its share: bad data found then would leave an empty ``version_N`` (one process finds it in
+    ``prepare_data``, before any folder). Removed on global rank 0 where it holds nothing but TensorBoard's event
+    files, which a run writes before its first value; a folder with anything else in it is left alone."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        logger = trainer.logger
+        folder = Path(logger.log_dir) if trainer.is_global_zero and logger is not None and logger.log_dir else None
+        if folder is None or not folder.is_dir() or not isinstance(exception, USER_ERRORS):
+            return
+        if all(entry.is_file() and entry.name.startswith("events.out.tfevents.") for entry in folder.iterdir()):
+            shutil.rmtree(folder)
+            with suppress(OSError):  # lightning_logs/, where this run made it
+                folder.parent.rmdir()
 
 
 class SFTLightningCLI(LightningCLI):
@@ -188,6 +209,7 @@ class SFTLightningCLI(LightningCLI):
         for callback in evaluation:
             callback.connect(self.datamodule.held_out_prompts if self.datamodule.hparams.val_path is not None else None)
         self.trainer.callbacks.insert(0, ConnectRunLayout(self.model, self.datamodule, *evaluation))
+        self.trainer.callbacks.append(NoEmptyLogFolder())
         if config is not None:
             # DeepSpeed checks train_batch_size = micro-batch x accumulation x ranks; Lightning would read the
             # micro-batch off the loader's batch_sampler, which a loader of whole micro-batches does not have.

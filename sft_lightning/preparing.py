@@ -109,10 +109,10 @@ class Share:
 def prepare(path: str, tokenizer, settings: RenderSettings, workers: Optional[int], folder: Path) -> None:
     """Read, render and mask ``path`` into the empty folder ``folder``, in this process (and its workers)."""
     tasks, skipped, workers = _planned(path, settings, workers)
-    writer = _Writer(folder, path)
-    for _, chunk in _rendered(tasks, range(len(tasks)), workers, tokenizer, settings, path):
-        writer.add(0, chunk)
-    writer.close(skipped, settings.max_length)
+    with _Writer(folder, path) as writer:
+        for _, chunk in _rendered(tasks, range(len(tasks)), workers, tokenizer, settings, path):
+            writer.add(0, chunk)
+        writer.close(skipped, settings.max_length)
 
 
 def prepare_shared(path: str, tokenizer, settings: RenderSettings, workers: Optional[int], folder: Optional[Path],
@@ -134,12 +134,17 @@ def prepare_shared(path: str, tokenizer, settings: RenderSettings, workers: Opti
                 _save_part(plan, i, (share.rank, chunk))
 
         _, error = share.attempt(render_mine)
-    share.settle(error)
-    if planned and share.first_on_node:
-        _, error = share.attempt(lambda: (_join(path, tokenizer, settings, planned, folder, share.rank, plan), publish()))
-    share.settle(error)
-    if share.first_on_node:  # every process is past reading them (rendering the same file again finds it done)
-        shutil.rmtree(parts, ignore_errors=True)
+    try:
+        share.settle(error)
+        if planned and share.first_on_node:
+            _, error = share.attempt(lambda: (_join(path, tokenizer, settings, planned, folder, share.rank, plan), publish()))
+        share.settle(error)
+    finally:
+        # Joined, or left by an error every process raises: mostly the data's, fixed under a new cache key, where
+        # they would never be read again (a retry re-renders). Parts of a killed run stay, for the next to take over.
+        # Every process is past reading them; rendering the same file again finds its entry done.
+        if share.first_on_node:
+            shutil.rmtree(parts, ignore_errors=True)
 
 
 def _plan_name(tasks: list) -> str:
@@ -152,12 +157,12 @@ def _join(path: str, tokenizer, settings: RenderSettings, planned: tuple, folder
     """The parts joined into ``folder``; parts this node cannot see (a cache folder nodes do not share) rendered here
     (by the process of ``rank``)."""
     tasks, skipped, workers = planned
-    writer = _Writer(folder, path)
     unseen = [i for i in range(len(tasks)) if not _part(parts, i).exists()]
     late = dict(_rendered(tasks, unseen, workers, tokenizer, settings, path))
-    for i in range(len(tasks)):
-        writer.add(*((rank, late.pop(i)) if i in late else pickle.loads(_part(parts, i).read_bytes())))
-    writer.close(skipped, settings.max_length)
+    with _Writer(folder, path) as writer:
+        for i in range(len(tasks)):
+            writer.add(*((rank, late.pop(i)) if i in late else pickle.loads(_part(parts, i).read_bytes())))
+        writer.close(skipped, settings.max_length)
 
 
 def _planned(path: str, settings: RenderSettings, workers: Optional[int], processes: int = 0) -> tuple[list, Counter, int]:
@@ -239,13 +244,21 @@ def _workers(count: int, tokenizer, settings: RenderSettings):
 
 
 class _Writer:
-    """The kept samples of each chunk appended to the split's arrays in ``folder``, as they come."""
+    """The kept samples of each chunk appended to the split's arrays in ``folder``, as they come; a context whose
+    end closes the arrays' files, whether or not the split was finished (:meth:`close`)."""
 
     def __init__(self, folder: Path, path: str):
         self.folder, self.path = folder, path
         self.files = {name: open(folder / f"{name}.bin", "wb") for name in ("input_ids", "labels", "supervised")}
         self.lengths: list[np.ndarray] = []
         self.counts, self.invalid, self.dropped, self.shares = Counter(), Counter(), Counter(), Counter()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, *failure) -> None:
+        for file in self.files.values():
+            file.close()
 
     def add(self, rank: int, chunk: "RenderedChunk") -> None:
         """``chunk``, the next task's, as rendered by the process of ``rank``."""

@@ -43,3 +43,18 @@ def test_ddp_through_the_command_prepares_the_data_in_shares_exits_0_and_exports
     shared = TokenizedSplit.load(entry)
     for name in ("input_ids", "labels", "offsets"):
         np.testing.assert_array_equal(getattr(shared, name), getattr(alone, name))
+
+
+def test_bad_data_found_by_the_rank_that_prepares_it_stops_every_rank_and_leaves_nothing(tmp_path):
+    # Line 8 is in rank 1's share: both ranks stop with its one line; no empty log folder (Lightning makes it before
+    # the data module's setup, where the ranks prepare), no parts left in the cache.
+    rows = json.loads((ROOT / "data" / "chatml_data.json").read_text())
+    rows[7] = {"messages": [{"role": "bot", "content": "x"}]}
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = cli_fit("tiny.yaml", tmp_path / "run", "--trainer.devices=2", "--trainer.strategy=ddp",
+                     f"--data.train_path={data}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = f"sft-lightning: error: {data}: line 8: message 1: unknown role 'bot'"
+    assert line in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == ["cache", "stderr.log"]
