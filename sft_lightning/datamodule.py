@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sft_lightning.collate import PackedBatch
-from sft_lightning.errors import ConfigError, DataError
+from sft_lightning.errors import ConfigError, DataError, check_range
 from sft_lightning.formats import Format
 from sft_lightning.layout import RunLayout, connected
 from sft_lightning.evaluation import HeldOutPrompt, held_out_prompts
@@ -112,6 +112,10 @@ class ChatMLDataModule(LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        for name, value, least in (("max_length", max_length, 1), ("batch_size", batch_size, 1),
+                                   ("eval_batch_size", eval_batch_size, 1), ("max_tokens_per_batch", max_tokens_per_batch, 1),
+                                   ("num_workers", num_workers, 0), ("preprocessing_workers", preprocessing_workers, 0)):
+            check_range(f"data.{name}", value, at_least=least)
         if packing and (group_by_length or max_tokens_per_batch):
             raise DataError("data.packing already fills rows; group_by_length and max_tokens_per_batch are for unpacked batches")
         self.tokenizer = None

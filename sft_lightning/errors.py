@@ -41,6 +41,19 @@ class ConfigError(ValueError):
 USER_ERRORS = (CheckFailed, ConfigError, NonFiniteError, PackingError, DataError, TemplateError, ModelLoadError, FileNotFoundError)
 
 
+def check_range(name: str, value, at_least=None, above=None, at_most=None) -> None:
+    """A setting outside its sensible range as one line (``name=value: ...``), before it fails far away as a
+    ``ZeroDivisionError`` or a ``range()`` error; None (not set) passes."""
+    if value is None:
+        return
+    if at_least is not None and value < at_least:
+        raise ConfigError(f"{name}={value}: must be at least {at_least}")
+    if above is not None and value <= above:
+        raise ConfigError(f"{name}={value}: must be more than {above}")
+    if at_most is not None and value > at_most:
+        raise ConfigError(f"{name}={value}: must be at most {at_most}")
+
+
 # What makes a folder loadable by from_pretrained, by what is loaded from it.
 REQUIRED_FILES = {
     "model": ("config.json",),
@@ -50,7 +63,8 @@ REQUIRED_FILES = {
 
 @contextmanager
 def loading(path: str, what: str):
-    """Turn the loaders' OSError (missing folder, unknown hub name, no network) into one clear line.
+    """Turn the loaders' OSError (missing folder, unknown hub name, no network) and ValueError (a config they
+    cannot read) into one clear line.
 
     A path that exists must be a Hugging Face folder; one that looks local (absolute, ``./``, ``~``, more than one
     ``/``, or under an existing folder) and does not exist is an error without a hub lookup; a hub name is tried
@@ -59,7 +73,7 @@ def loading(path: str, what: str):
     _check_source(path, what)
     try:
         yield
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a config.json without model_type, an unknown architecture
         raise ModelLoadError(f"{what} {path!r} cannot be loaded: {str(err).splitlines()[0]}") from None
 
 

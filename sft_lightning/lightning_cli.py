@@ -174,13 +174,17 @@ class SFTLightningCLI(LightningCLI):
 
         Lightning's own ``last`` looks only in the new run's version folder, which a restarted process has just
         created empty, and silently starts over. No checkpoint at all (a first run under a requeueing scheduler)
-        starts a new run, with a line saying so.
+        starts a new run of ``fit``, with a line saying so; validate, test and predict refuse, in one line, rather
+        than evaluate the untrained model (a mistyped ``default_root_dir``).
         """
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
         root = self.trainer.default_root_dir
         found = newest_checkpoint(root)
+        if found is None and self.subcommand != "fit":
+            raise ConfigError(f"--ckpt_path last: no checkpoint under {root}: {self.subcommand} would use the untrained "
+                              "model (is trainer.default_root_dir the fit run's?)")
         if found is None:
             rank_zero_info(f"--ckpt_path last: no checkpoint under {root} yet; starting a new run")
         else:

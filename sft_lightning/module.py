@@ -12,7 +12,7 @@ from sft_lightning.adapters import LoRA, Quantization, add_lora, as_lora, quanti
 from sft_lightning.attention import SDPA_VARLEN, check_packing, model_inputs
 from sft_lightning.checkpointing import drop_head_copy, newest_checkpoint, portable_arguments
 from sft_lightning.collate import BatchCounts, PackedBatch, PackedSlice, PromptBatch, TrainingBatch
-from sft_lightning.errors import ConfigError
+from sft_lightning.errors import ConfigError, check_range
 from sft_lightning.generation import GenerationSettings, Reply, generate_replies
 from sft_lightning.language_model import DType, build_causal_lm, prepare_for_training
 from sft_lightning.layout import RunLayout, connected
@@ -93,6 +93,15 @@ class SFTLitModule(LightningModule):
         if activation_offloading and not gradient_checkpointing:
             raise ConfigError("model.activation_offloading moves checkpointed layers' inputs: set model.gradient_checkpointing true")
         self.save_hyperparameters()
+        check_range("model.learning_rate", learning_rate, above=0)
+        check_range("model.weight_decay", weight_decay, at_least=0)
+        check_range("model.warmup_ratio", warmup_ratio, at_least=0, at_most=1)
+        check_range("model.max_new_tokens", max_new_tokens, at_least=1)
+        check_range("model.temperature", temperature, at_least=0)
+        check_range("model.top_p", top_p, above=0, at_most=1)
+        check_range("model.lm_head_chunk_tokens", lm_head_chunk_tokens, at_least=1)
+        check_range("model.lm_head_chunk_above_mb", lm_head_chunk_above_mb, at_least=0)
+        check_range("model.nonfinite_patience", nonfinite_patience, at_least=1)
         self.model = None
         self.tokenizer = None
         self.stop_ids: list[int] = []  # end-of-turn (and eos) ids that end generation

@@ -101,7 +101,7 @@ def jsonl_shards(path: Path, shard_bytes: Optional[int] = None) -> Optional[list
         with open(path, "rb") as data:
             first = b""
             while not first and (block := data.read(1 << 16)):
-                first = block.lstrip()[:1]
+                first = block.lstrip().removeprefix(BOM).lstrip()[:1]
             if not first:
                 raise DataError(f"{path}: the file is empty")
             if first == b"[":
@@ -123,19 +123,26 @@ def read_shard(shard: Shard, require_assistant: bool = True, skipped: Optional[C
         data.seek(shard.start)
         raw = data.read(shard.end - shard.start)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig" if shard.start == 0 else "utf-8")
     except UnicodeDecodeError as err:
-        line = shard.first_line + raw[: err.start].count(b"\n")
-        raise DataError(f"{shard.path}: line {line}: not valid UTF-8 ({err.reason})") from None
+        raise _not_utf8(shard.path, shard.first_line + raw[: err.start].count(b"\n"), err) from None
     return validated(_json_lines(shard.path, text, skipped, shard.first_line), require_assistant, skipped, format)
+
+
+# What Windows editors (Notepad) write in front of UTF-8 text: read as UTF-8, not refused.
+BOM = b"\xef\xbb\xbf"
+
+
+def _not_utf8(path, line: int, err: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: line {line}: not valid UTF-8 ({err.reason}): save the file as UTF-8 (it may be in "
+                     "another encoding, such as GBK, Shift-JIS or Latin-1)")
 
 
 def _text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line}: not valid UTF-8 ({err.reason})") from None
+        raise _not_utf8(path, path.read_bytes()[: err.start].count(b"\n") + 1, err) from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     return text

@@ -88,6 +88,42 @@ def test_max_length_beyond_the_model_positions(tmp_path, capsys, monkeypatch):
     assert_one_clear_line(tmp_path, code, err, "data.max_length=4096 is more than the 2048 positions of models/tiny-qwen2")  # the path as the config gives it
 
 
+@pytest.mark.parametrize("option, expected", [
+    ("--data.batch_size=0", "data.batch_size=0: must be at least 1"),  # was range()'s "arg 3 must not be zero"
+    ("--data.batch_size=-4", "data.batch_size=-4: must be at least 1"),  # was a ZeroDivisionError
+    ("--data.max_length=0", "data.max_length=0: must be at least 1"),
+    ("--model.learning_rate=-1", "model.learning_rate=-1.0: must be more than 0"),
+    ("--model.warmup_ratio=1.5", "model.warmup_ratio=1.5: must be at most 1"),
+])
+def test_a_setting_out_of_its_range_is_one_line(tmp_path, capsys, monkeypatch, option, expected):
+    code, err = run(tmp_path, capsys, monkeypatch, option)
+    assert_one_clear_line(tmp_path, code, err, expected)
+
+
+def test_a_model_folder_whose_config_has_no_model_type_is_one_line(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(TINY_QWEN, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["model_type"]
+    (model / "config.json").write_text(json.dumps(config))
+    code, err = run(tmp_path, capsys, monkeypatch, f"--model.model_name_or_path={model}")
+    assert_one_clear_line(tmp_path, code, err, f"model {str(model)!r} cannot be loaded: Unrecognized model in {model}")
+
+
+@pytest.mark.parametrize("verb", ["validate", "test", "predict"])
+def test_evaluating_the_last_checkpoint_of_a_run_that_has_none_refuses(tmp_path, capsys, monkeypatch, verb):
+    # A mistyped trainer.default_root_dir: never scores the untrained model with exit 0 (fit starts a new run).
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([verb, "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'out'}",
+                  f"--data.cache_dir={tmp_path / 'cache'}", "--data.test_path=data/chatml_val.json",
+                  "--data.predict_path=data/chatml_val.json", "--ckpt_path=last",
+                  *([f"--output_path={tmp_path / 'out.jsonl'}"] if verb == "predict" else [])])
+    assert_one_clear_line(tmp_path, exit_info.value.code, capsys.readouterr().err,
+                          f"--ckpt_path last: no checkpoint under {tmp_path / 'out'}: {verb} would use the untrained model")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("option", ["--data.max_lenght=5", "--data.batch_size=eight"])
 def test_unknown_key_or_wrong_type_keeps_jsonargparse_message(tmp_path, capsys, monkeypatch, option):
     code, err = run(tmp_path, capsys, monkeypatch, option)

@@ -59,6 +59,22 @@ def test_broken_json_empty_missing_and_undecodable(tmp_path):
         read_records(write(tmp_path, json.dumps([GOOD, 7]), "data.json"))
 
 
+def test_files_saved_by_windows_editors(tmp_path):
+    # UTF-8 with a byte-order mark (Notepad's "UTF-8"): read as UTF-8, JSONL and JSON arrays alike.
+    chinese = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+    for name, text in (("bom.jsonl", json.dumps(chinese, ensure_ascii=False) + "\n"),
+                       ("bom.json", json.dumps([chinese], ensure_ascii=False))):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [record.messages for record in read_records(path)] == [chinese["messages"]]
+    # GBK (Chinese Windows' ANSI): refused with the way out.
+    path = tmp_path / "gbk.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\n" + json.dumps(chinese, ensure_ascii=False) + "\n").encode("gbk"))
+    with pytest.raises(DataError, match=r"gbk.jsonl: line 2: not valid UTF-8 \(.*\): save the file as UTF-8 \(it may be in "
+                                        r"another encoding, such as GBK"):
+        read_records(path)
+
+
 def test_prediction_inputs_may_end_with_the_user(tmp_path):
     row = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]}
     assert len(read_records(write(tmp_path, json.dumps(row)), require_assistant=False)) == 1
