@@ -7,6 +7,7 @@ before that, and everything else goes to :func:`sft_lightning.cli.cli_main`.
 
 from __future__ import annotations
 
+import difflib
 import sys
 from typing import NoReturn
 
@@ -25,6 +26,7 @@ SEED_FLAGS = {
 }
 # Verbs with a --system_prompt or --max_length of their own.
 OWN_FLAGS_VERBS = ("chat", "export", "estimate")
+VERBS = ("fit", "validate", "test", "predict", "chat", "export", "estimate", "data")
 USAGE = """usage: sft-lightning VERB [options]   (sft-lightning VERB --help for a verb's options)
 
 Supervised fine-tuning of Hugging Face causal LMs on chat conversations.
@@ -53,6 +55,12 @@ def answered_without_loading(argv: list[str]) -> bool:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return True
+    if argv[0] not in VERBS:  # rather than Lightning's parser, which would send them to `VERB --help` of no verb
+        close = difflib.get_close_matches(argv[0], VERBS, n=1)
+        found = (f"no verb before {argv[0]}: sft-lightning VERB [options]" if argv[0].startswith("-")
+                 else f"no verb {argv[0]!r}{f' (did you mean {close[0]}?)' if close else ''}")
+        print(f"sft-lightning: error: {found}; sft-lightning --help lists them", file=sys.stderr)
+        sys.exit(2)
     flag = None if argv[0] in OWN_FLAGS_VERBS else next(
         (arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS), None
     )

@@ -162,7 +162,8 @@ class SFTLightningCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument("--output_path", type=Optional[str], default=None,
-                                help="JSONL file for the predictions (input messages and the generated text)")
+                                help="JSONL file for the predictions (input messages and the generated text); a "
+                                     "path ending in .json gets one JSON array")
             parser.add_argument("--metrics_tokenize", type=Tokenize, default="auto",
                                 help="sacreBLEU tokenisation for BLEU and ROUGE-L against references: auto is zh "
                                      "(one token per Chinese or Japanese character) when a reference has CJK text, "

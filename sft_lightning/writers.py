@@ -1,4 +1,4 @@
-"""Write predictions as JSONL, one object per input in input order, and score them where references exist."""
+"""Write predictions as JSONL (or a JSON array), one object per input in input order, and score them where references exist."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
     ) -> None:
         """Args:
         output_path: JSONL file (UTF-8, any script as itself); each line holds the input ``messages`` and the
-            generated ``prediction``.
+            generated ``prediction``; a path ending in ``.json`` gets the same objects as one JSON array.
         records: the prediction inputs, in order (asked for when writing: they are read in the data's setup);
             each prediction carries its record's index.
         metrics_tokenize: tokenisation for BLEU and ROUGE-L (see :func:`~sft_lightning.metrics.choose_tokenize`).
@@ -42,9 +42,13 @@ class JsonlPredictionWriter(BasePredictionWriter):
         records = self.records()
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.output_path.with_name(self.output_path.name + ".partial")
+        written = ({"messages": record.messages, "prediction": by_index[index]} for index, record in enumerate(records))
         with partial.open("w", encoding="utf-8") as out:
-            for index, record in enumerate(records):
-                out.write(json.dumps({"messages": record.messages, "prediction": by_index[index]}, ensure_ascii=False) + "\n")
+            if self.output_path.suffix == ".json":  # the seed trainer's predictions.json: what json.load reads
+                json.dump(list(written), out, ensure_ascii=False, indent=1)
+                out.write("\n")
+            else:
+                out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in written)
         os.replace(partial, self.output_path)
         print(f"wrote {len(records)} predictions to {self.output_path}")
         scored = [(by_index[i], r.messages[-1]["content"]) for i, r in enumerate(records) if r.messages[-1]["role"] == "assistant"]

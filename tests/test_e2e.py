@@ -109,10 +109,10 @@ def test_predict_from_checkpoint_equals_plain_transformers_on_export(run, monkey
     old = torch.load(ckpt, weights_only=True)
     old["hyper_parameters"].update(do_sample=True, temperature=1.0)
     torch.save(old, tmp_path / "old.ckpt")
-    again = tmp_path / "again.jsonl"
+    again = tmp_path / "again.json"  # the seed trainer's name: one JSON array
     cli_main(["predict", *run["args"], f"--ckpt_path={tmp_path / 'old.ckpt'}", f"--data.predict_path={VAL}",
               f"--output_path={again}", "--model.max_new_tokens=1"])
-    assert [json.loads(line)["prediction"] for line in again.read_text().splitlines()] == cut
+    assert [row["prediction"] for row in json.loads(again.read_text())] == cut
 
     export_dir = tmp_path / "hf"
     cli_main(["export", f"--ckpt_path={ckpt}", f"--output_dir={export_dir}"])

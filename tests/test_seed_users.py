@@ -89,6 +89,11 @@ def test_newcomer_mistakes_are_one_line(capsys, monkeypatch):
     # A prefix of a real option is not taken for it.
     assert one_line_error(capsys, ["fit", "--config", "configs/tiny.yaml", "--trainer.max_epoch", "1"]) == (
         "sft-lightning: error: unrecognized arguments: --trainer.max_epoch 1 (sft-lightning fit --help lists the options)")
+    # A mistyped verb is named, with the closest one.
+    assert one_line_error(capsys, ["fitt", "--config", "configs/tiny.yaml"]) == (
+        "sft-lightning: error: no verb 'fitt' (did you mean fit?); sft-lightning --help lists them")
+    assert one_line_error(capsys, ["--config", "configs/tiny.yaml"]) == (
+        "sft-lightning: error: no verb before --config: sft-lightning VERB [options]; sft-lightning --help lists them")
 
 
 def test_help_lists_every_verb(capsys):
