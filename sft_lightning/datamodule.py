@@ -100,7 +100,7 @@ class ChatMLDataModule(LightningDataModule):
             format: row shape of the files: ``auto`` recognises ChatML ``messages``, ShareGPT ``conversations``
                 and Alpaca ``instruction``/``input``/``output`` row by row; or insist on one of them.
             system_message: under a chat template without a system role (Gemma 2), ``auto`` merges a leading
-                system message into the first user turn (``system + "\n\n" + user``, as such models are prompted;
+                system message into the first user turn (``system + "\\n\\n" + user``, as such models are prompted;
                 counted in the setup summary), ``error`` refuses such conversations. Predict renders the same way,
                 and so does chat.
             weight_by: what the weights of a list of sources share: ``conversations`` (samples) or ``tokens``

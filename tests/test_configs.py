@@ -1,5 +1,6 @@
 """Every shipped YAML parses with the real CLI parser, and its objects (strategy included) instantiate here."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,18 @@ def test_long_context_presets_split_their_rows_in_a_way_the_model_and_gpus_allow
     check_sequence_parallel(model_config(model["model_name_or_path"]), size, model["attn_implementation"])
     assert (trainer["devices"] * trainer.get("num_nodes", 1)) % size == 0 and trainer["devices"] % size == 0  # in a node
     assert data["packing"] and data["max_length"] >= 32768 and model["gradient_checkpointing"]
+
+
+def test_every_model_and_data_option_is_described_in_help(capsys):
+    # jsonargparse reads each option's text from the constructor's docstring: one unescaped "\n" in it (an example
+    # string) once dropped every --data.* description without a word.
+    from sft_lightning.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    blocks = re.split(r"\n  (?=--)", capsys.readouterr().out)
+    options = {block.split()[0]: " ".join(block.split("\n", 1)[1:]) for block in blocks if block.startswith(("--model.", "--data."))}
+    assert len(options) > 40
+    undescribed = [name for name, text in options.items() if not re.sub(r"\(type: .*", "", text, flags=re.S).strip()
+                   and not name.endswith(".help")]  # (jsonargparse's help of a class-typed option)
+    assert not undescribed
