@@ -24,8 +24,8 @@ SEED_FLAGS = {
     "--mode": "sft-lightning chat (--mode chat) or sft-lightning predict (--mode batch)",
     "--system_prompt": "sft-lightning chat --system_prompt",
 }
-# Verbs with a --system_prompt or --max_length of their own.
-OWN_FLAGS_VERBS = ("chat", "export", "estimate")
+# The seed trainer's flags that a verb has as options of its own.
+OWN_SEED_FLAGS = {"chat": ("--system_prompt",), "export": ("--output_dir",)}
 VERBS = ("fit", "validate", "test", "predict", "chat", "export", "estimate", "data")
 USAGE = """usage: sft-lightning VERB [options]   (sft-lightning VERB --help for a verb's options)
 
@@ -61,13 +61,15 @@ def answered_without_loading(argv: list[str]) -> bool:
                  else f"no verb {argv[0]!r}{f' (did you mean {close[0]}?)' if close else ''}")
         print(f"sft-lightning: error: {found}; sft-lightning --help lists them", file=sys.stderr)
         sys.exit(2)
-    flag = None if argv[0] in OWN_FLAGS_VERBS else next(
-        (arg.split("=")[0] for arg in argv if arg.split("=")[0] in SEED_FLAGS), None
-    )
-    if flag is None:
+    own = OWN_SEED_FLAGS.get(argv[0], ())
+    flags = list(dict.fromkeys(flag for flag in (arg.split("=")[0] for arg in argv) if flag in SEED_FLAGS and flag not in own))
+    if not flags:
         return False
-    print(f"sft-lightning: error: {flag} is a flag of the seed trainer; here it is {SEED_FLAGS[flag]} "
-          "(README: From the seed trainer)", file=sys.stderr)
+    if len(flags) == 1:
+        found = f"{flags[0]} is a flag of the seed trainer; here it is {SEED_FLAGS[flags[0]]}"
+    else:  # all of them at once, not one per run
+        found = "flags of the seed trainer: " + "; ".join(f"{flag} is {SEED_FLAGS[flag]} here" for flag in flags)
+    print(f"sft-lightning: error: {found} (README: From the seed trainer)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -83,12 +83,19 @@ def test_newcomer_mistakes_are_one_line(capsys, monkeypatch):
         "sft-lightning: error: configs/qwen2.5-0.5b.yaml asks for trainer.accelerator=gpu and this machine has no CUDA "
         "GPU: run it on a GPU machine, or add --trainer.accelerator=cpu --trainer.devices=1 --trainer.strategy=auto "
         "--trainer.precision=32-true")
-    assert one_line_error(capsys, ["fit", "--model_name", "Qwen/Qwen2.5-0.5B", "--num_epochs", "3"]) == (
+    assert one_line_error(capsys, ["fit", "--model_name", "Qwen/Qwen2.5-0.5B"]) == (
         "sft-lightning: error: --model_name is a flag of the seed trainer; here it is --model.model_name_or_path "
         "(README: From the seed trainer)")
     # A prefix of a real option is not taken for it.
     assert one_line_error(capsys, ["fit", "--config", "configs/tiny.yaml", "--trainer.max_epoch", "1"]) == (
         "sft-lightning: error: unrecognized arguments: --trainer.max_epoch 1 (sft-lightning fit --help lists the options)")
+    # Every seed flag of a command at once; a verb's own option of the same name is its own (chat --system_prompt).
+    assert one_line_error(capsys, ["fit", "--model_name", "M", "--num_epochs", "3", "--model_name=N"]) == (
+        "sft-lightning: error: flags of the seed trainer: --model_name is --model.model_name_or_path here; "
+        "--num_epochs is --trainer.max_epochs here (README: From the seed trainer)")
+    assert one_line_error(capsys, ["chat", "--model_path", "M", "--system_prompt", "S", "--mode", "chat"]) == (
+        "sft-lightning: error: --mode is a flag of the seed trainer; here it is sft-lightning chat (--mode chat) or "
+        "sft-lightning predict (--mode batch) (README: From the seed trainer)")
     # A mistyped verb is named, with the closest one.
     assert one_line_error(capsys, ["fitt", "--config", "configs/tiny.yaml"]) == (
         "sft-lightning: error: no verb 'fitt' (did you mean fit?); sft-lightning --help lists them")
