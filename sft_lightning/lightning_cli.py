@@ -55,18 +55,28 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class NoEmptyLogFolder(Callback):
-    """A run that fails before writing anything leaves no log folder. Lightning makes the logger's folder before the
-    data module's setup (so that loggers have their metadata), and a run of several processes prepares its data
-    there, every rank its share: bad data found then would leave an empty ``version_N`` (one process finds it in
-    ``prepare_data``, before any folder). Removed on global rank 0 where it holds nothing but TensorBoard's event
-    files, which a run writes before its first value; a folder with anything else in it is left alone."""
+    """A run that fails before its first training step leaves no log folder. Lightning makes the logger's folder
+    before the data module's setup (so that loggers have their metadata): bad data found while the ranks of a
+    multi-process run prepare their shares, or a resume refused when its checkpoint is restored, would otherwise
+    leave a ``version_N`` holding only what every run writes at its start (TensorBoard's event files,
+    ``config.yaml``, ``hparams.yaml``). Removed on global rank 0 when it holds nothing else; a folder with anything
+    else in it (a checkpoint, an export) is left alone, as is any folder once a step has run."""
+
+    STARTING = ("config.yaml", "hparams.yaml")
+
+    def __init__(self) -> None:
+        self.stepped = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stepped = True
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         logger = trainer.logger
         folder = Path(logger.log_dir) if trainer.is_global_zero and logger is not None and logger.log_dir else None
-        if folder is None or not folder.is_dir() or not isinstance(exception, USER_ERRORS):
+        if self.stepped or folder is None or not folder.is_dir() or not isinstance(exception, USER_ERRORS):
             return
-        if all(entry.is_file() and entry.name.startswith("events.out.tfevents.") for entry in folder.iterdir()):
+        if all(entry.is_file() and (entry.name.startswith("events.out.tfevents.") or entry.name in self.STARTING)
+               for entry in folder.iterdir()):
             shutil.rmtree(folder)
             with suppress(OSError):  # lightning_logs/, where this run made it
                 folder.parent.rmdir()

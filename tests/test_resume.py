@@ -34,6 +34,11 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, kill_at, data,
                  f"--trainer.callbacks.step={kill_at}")
     assert killed.returncode == -signal.SIGKILL
     assert f"--ckpt_path last: no checkpoint under {tmp_path / 'run'} yet; starting a new run" in killed.stdout + killed.stderr
+    if kill_at == 9:  # another seed would replay and skip samples: refused in one line, leaving no new log folder
+        versions = sorted((tmp_path / "run" / "lightning_logs").iterdir())
+        refused = fit(tmp_path / "run", *data, "--ckpt_path=last", "--data.seed=7")
+        assert refused.returncode == 2 and "puts other samples in them" in refused.stderr.splitlines()[-1], refused.stderr[-2000:]
+        assert sorted((tmp_path / "run" / "lightning_logs").iterdir()) == versions
     resumed = fit(tmp_path / "run", *data, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "--ckpt_path last: resuming from" in resumed.stdout + resumed.stderr
