@@ -1,7 +1,8 @@
 """The checks of ``fit | validate | test | predict`` that need no model code, run before Lightning is imported.
 
 Importing Lightning (with torch, transformers and torchmetrics) takes 5-10 s; the commonest mistakes, a missing
-config file, data file or model folder, are answered in a fraction of a second. The values checked are the
+config file, data file or model folder, a list of data sources that cannot be mixed (a negative weight, a weight
+and a count), are answered in a fraction of a second. The values checked are the
 ones the command will use (the ``--config`` files in order, then the ``--model.*`` and ``--data.*`` options;
 each path of a list of data sources), and the checks are the functions the full path runs later, so the line is
 the same either way. A value this reader cannot be sure of (a section given as a file or a dict, a glob, a hub
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from sft_lightning.errors import ConfigError, check_local_source
-from sft_lightning.sources import GLOB_CHARACTERS, require_source
+from sft_lightning.sources import GLOB_CHARACTERS, require_source, resolve_sources
 
 # The data files each verb reads.
 VERB_DATA = {"fit": ("train_path", "val_path"), "validate": ("val_path",), "test": ("test_path",),
@@ -31,6 +32,9 @@ def preflight(argv: list[str]) -> None:
         return
     for name in VERB_DATA[argv[0]]:
         value = settings["data"].get(name)
+        if _plain_sources(value):  # the full path's own check of the list: files, weights, counts
+            resolve_sources(value, name, "auto")
+            continue
         for source in value if isinstance(value, list) else [value]:
             path = source.get("path") if isinstance(source, dict) else source
             if isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "{"):
@@ -38,6 +42,20 @@ def preflight(argv: list[str]) -> None:
     model = settings["model"].get("model_name_or_path")
     if isinstance(model, str):
         check_local_source(model, "model")
+
+
+def _plain_sources(value: Any) -> bool:
+    """Whether ``value`` reads as the full parser would give it to :func:`resolve_sources`: a path, or a list of
+    paths and ``{path, weight | conversations, format}`` with numbers where numbers go (anything else, such as a
+    quoted weight the parser would convert, or a glob, is left to it)."""
+    items = value if isinstance(value, list) else [value]
+    number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
+    plain = lambda path: isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "{")  # noqa: E731
+    return bool(items) and all(
+        plain(item) or (isinstance(item, dict) and plain(item.get("path")) and number(item.get("weight"))
+                        and number(item.get("conversations")))
+        for item in items
+    )
 
 
 def _settings(options: list[str]) -> Optional[dict[str, dict[str, Any]]]:

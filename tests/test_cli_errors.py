@@ -173,6 +173,12 @@ PREFLIGHT = {
                              "./nope: no such model folder"),
     "folder that is not a model": (["test", "--config", "configs/tiny.yaml", "--model.model_name_or_path", "data"],
                                    "data: not a Hugging Face model folder (it has no config.json)"),
+    "negative weight": (["fit", "--config", "configs/tiny.yaml", "--data.train_path",
+                         "[{path: data/chatml_data.json, weight: -1}, {path: data/chatml_zh.json, weight: 1}]"],
+                        "data.train_path: data/chatml_data.json: weight and conversations must be positive (and finite)"),
+    "weight and count": (["fit", "--config", "configs/tiny.yaml", "--data.train_path",
+                          "[{path: data/chatml_data.json, weight: 1, conversations: 5}, data/chatml_zh.json]"],
+                         "data.train_path: data/chatml_data.json: give a weight or a number of conversations, not both"),
 }
 
 
