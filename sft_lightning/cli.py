@@ -15,7 +15,7 @@ from sft_lightning.chat import chat
 from sft_lightning.data import convert, sample
 from sft_lightning.data_check import check
 from sft_lightning.entry import answered_without_loading, exit_with
-from sft_lightning.errors import USER_ERRORS
+from sft_lightning.errors import USER_ERRORS, SharedDataError
 from sft_lightning.export import export
 from sft_lightning.lightning_cli import SFTLightningCLI
 from sft_lightning.memory import estimate
@@ -86,6 +86,8 @@ def cli_main(args: Optional[list[str]] = None) -> None:
         else:
             SFTLightningCLI(args=args)
     except USER_ERRORS as err:
+        if isinstance(err, SharedDataError) and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            sys.exit(2)  # the same line as global rank 0's, which says it
         exit_with(err)
     except ArgumentError as err:  # from the parsers: an unknown option, a value of the wrong type
         verb = " ".join(argv[:2] if argv[:1] == ["data"] else argv[:1])

@@ -14,6 +14,11 @@ class DataError(ValueError):
     """Bad input data: the message names the file, the 1-based line or record, and what is wrong."""
 
 
+class SharedDataError(DataError):
+    """A :class:`DataError` that every process of a run raises alike (one found while they prepare together): the
+    first process says it, the others exit without repeating it."""
+
+
 class TemplateError(ValueError):
     """The tokenizer's chat template cannot be rendered or masked reliably."""
 

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from sft_lightning import records, sources
-from sft_lightning.errors import DataError, TemplateError
+from sft_lightning.errors import DataError, SharedDataError, TemplateError
 from sft_lightning.records import Record
 from sft_lightning.render import IGNORE_INDEX, SystemMessage, TrainOn, has_system_role, training_samples_batch
 from sft_lightning.formats import Format
@@ -95,7 +95,7 @@ class Share:
         on all."""
         failed = [message for message in self.gather(error) if message is not None]
         if failed:
-            raise DataError(failed[0])
+            raise SharedDataError(failed[0])
 
     def attempt(self, work: Callable[[], object]) -> tuple[object, Optional[str]]:
         """(``work()``, None), or (None, its error's message) for :meth:`settle` to raise on every process, rather
