@@ -14,7 +14,7 @@ from transformers.utils.import_utils import get_current_accelerator
 
 from sft_lightning.errors import ModelLoadError, loading
 from sft_lightning.linear_attention import keep_linear_attention_apart
-from sft_lightning.lm_head import install_chunked_head
+from sft_lightning.lm_head import CHUNK_ABOVE_MB, install_chunked_head
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -114,7 +114,7 @@ class TrainingChanges(NamedTuple):
 
 def prepare_for_training(model, vocabulary: int, pretrained: bool, gradient_checkpointing: bool,
                          activation_offloading: bool, lm_head_chunk_tokens: Optional[int],
-                         lm_head_chunk_above_mb: float = 0.0) -> TrainingChanges:
+                         lm_head_chunk_above_mb: float = CHUNK_ABOVE_MB) -> TrainingChanges:
     """Make a built model ready to train here: the tokenizer's ``vocabulary`` (the ChatML fallback adds
     <|im_start|>/<|im_end|> to a template-less tokenizer; new rows start at the mean embedding, and a model without
     weights yet, on meta, gets them from its checkpoint), activation checkpointing (each checkpointed layer's input in

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sft_lightning.collate import SupervisedPositions
-from sft_lightning.loss import gather_supervised
+from sft_lightning.loss import gather_supervised, token_stats
 
 # Config attributes by which a model transforms its logits after the head (Gemma 2/3 soft-capping, Cohere and
 # Granite scaling): the loss must see the transformed logits, so such models keep the unchunked path.
@@ -35,10 +35,16 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 CHUNK_TOKENS, CHUNK_ABOVE_MB = 512, 256.0
 
 
-def logits_bytes(positions: int, vocabulary: int, element_bytes: float) -> float:
+def logits_bytes(positions: float, vocabulary: int, element_bytes: float) -> float:
     """Bytes of the logits of ``positions`` over ``vocabulary`` kept for the backward: in the head's compute dtype
     (``element_bytes``), their float32 copy, and its gradient."""
     return positions * vocabulary * (element_bytes + 4 + 4)
+
+
+def in_chunks(positions: float, vocabulary: int, element_bytes: float, chunk_above_bytes: float) -> bool:
+    """Whether a micro-batch of ``positions`` is scored in chunks: where its logits would take more than
+    ``chunk_above_bytes`` (the rule the head applies and the memory plan counts)."""
+    return logits_bytes(positions, vocabulary, element_bytes) > chunk_above_bytes
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -120,11 +126,11 @@ class ChunkedLMHead(nn.Linear):
         hidden, targets = gather_supervised(hidden, self._positions), self._positions.targets
         device = hidden.device.type
         compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.weight.dtype
-        if logits_bytes(len(targets), self.out_features, compute.itemsize) <= self.chunk_above_bytes:
-            logits = F.linear(hidden, self.weight, self.bias).float()
-            nll, correct = F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(dim=-1) == targets).sum()
-        else:
+        if in_chunks(len(targets), self.out_features, compute.itemsize, self.chunk_above_bytes):
             nll, correct = ChunkedCrossEntropy.apply(hidden, self.weight, self.bias, targets, self.chunk_tokens)
+        else:  # the unchunked path's own statistics
+            stats = token_stats(F.linear(hidden, self.weight, self.bias), targets)
+            nll, correct = stats.nll_sum, stats.correct
         return torch.stack([nll, correct.to(nll.dtype)])
 
 

@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from sft_lightning.adapters import as_lora
 from sft_lightning.errors import ConfigError
 from sft_lightning.language_model import language_model_config
-from sft_lightning.lm_head import CHUNK_ABOVE_MB, CHUNK_TOKENS, logits_bytes
+from sft_lightning.lm_head import CHUNK_ABOVE_MB, CHUNK_TOKENS, in_chunks, logits_bytes
 from sft_lightning.moe import moe_of
 from sft_lightning.sequence_parallel import divisors
 
@@ -171,7 +171,7 @@ def plan_memory(
     without = per_layer * layers
     with_checkpointing = tokens * hidden * layers * mixed_or_true + per_layer
     positions = tokens * supervised_share
-    if lm_head_chunk_tokens and logits_bytes(positions, config.vocab_size, mixed_or_true) > lm_head_chunk_above_mb * 2**20:
+    if lm_head_chunk_tokens and in_chunks(positions, config.vocab_size, mixed_or_true, lm_head_chunk_above_mb * 2**20):
         positions = min(positions, lm_head_chunk_tokens)
     logits = logits_bytes(positions, config.vocab_size, mixed_or_true)
     temporary = 0.0 if sharding.offload_optimizer else split(trainable * 4.0, sharding.optimizer)
