@@ -216,23 +216,31 @@ class Encoder(NamedTuple):
     def prefix_ids(self, text: str) -> list[int]:
         """The ids of ``text`` (as ``self(text)[0]``), without its offsets: for a prefix of the longest text assembled
         so far, that text's ids up to its last added token inside the prefix, and the kept ids of the rest."""
-        base = self.done.get(None)
-        cut = bisect_right(base[3], len(text), key=lambda cut: cut[0]) if base and base[0].startswith(text) else 0
-        if self.literals or not cut:  # (cuts are found only where texts are assembled from pieces)
+        taken = None if self.literals else self._taken_over(text)
+        if taken is None or not taken[2]:  # no added token inside: the whole text is read from its start
             return self(text)[0]
-        position, count = base[3][cut - 1]
+        base, position, count = taken
         return base[1][:count] + self.pieces.tail_ids(text[position:])
+
+    def _taken_over(self, text: str) -> Optional[tuple[tuple, int, int]]:
+        """Where ``text`` is a prefix of the longest text assembled so far: that text's (text, ids, offsets, cuts),
+        and the (character, id count) just after its last added token inside ``text`` ((0, 0) for none)."""
+        base = self.done.get(None)
+        if base is None or not base[0].startswith(text):
+            return None
+        cut = bisect_right(base[3], len(text), key=lambda cut: cut[0])
+        return (base, *base[3][cut - 1]) if cut else (base, 0, 0)
 
     def _assemble(self, text: str) -> Encoded:
         """From the pieces; a prefix of the longest text assembled so far (a turn's prompt, of the conversation)
         takes that text's ids up to its last added token inside the prefix, and only the rest is assembled."""
-        base = self.done.get(None)  # (text, ids, offsets, cuts) of the longest text so far
-        if base is not None and base[0].startswith(text):
-            cut = bisect_right(base[3], len(text), key=lambda cut: cut[0])
-            position, count = base[3][cut - 1] if cut else (0, 0)
+        taken = self._taken_over(text)
+        if taken is not None:
+            base, position, count = taken
             ids, offsets, _ = self.pieces.encode(text, position)
             return base[1][:count] + ids, base[2].joined(count, offsets)
         ids, offsets, cuts = self.pieces.encode(text)
+        base = self.done.get(None)
         if base is None or len(text) > len(base[0]):
             self.done[None] = (text, ids, offsets, cuts)
         return ids, offsets

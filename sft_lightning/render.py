@@ -246,8 +246,8 @@ def _read_off(messages: list[dict], whole: str, texts: dict[tuple[int, bool], st
     """
     ids, offsets = encode(whole)
     labels = [IGNORE_INDEX] * len(ids)
-    turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
-    for k in turns[-1:] if train_on == "last" else turns:
+    turns = _trained_turns(messages, train_on)
+    for k in turns:
         prompt_end, through = len(texts[(k, True)]), len(texts[(k + 1, False)])
         prompt = encode.prefix_ids(texts[(k, True)])
         start = len(prompt)
@@ -267,11 +267,17 @@ def _read_off(messages: list[dict], whole: str, texts: dict[tuple[int, bool], st
     return [_cut(ids, labels, max_length)] if turns else None
 
 
+def _trained_turns(messages: list[dict], train_on: TrainOn) -> list[int]:
+    """The assistant messages whose turns are trained: every one, the last one, or none under ``all`` (which
+    trains the whole text instead of turns)."""
+    turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"] if train_on != "all" else []
+    return turns[-1:] if train_on == "last" else turns
+
+
 def _texts(messages: list[dict], render, train_on: TrainOn) -> list[str]:
     """The texts :func:`_samples` tokenises for ``messages`` when nothing is unusual: the conversation, and each
     trained turn's prompt and the conversation up to it (the template's errors are raised later, by _samples)."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"] if train_on != "all" else []
-    turns = turns[-1:] if train_on == "last" else turns
+    turns = _trained_turns(messages, train_on)
     try:
         return [render(messages, False)] + [render(messages[:t + k], k == 0) for t in turns for k in (0, 1)]
     except TemplateError:
@@ -291,8 +297,7 @@ def _samples(messages, tools, encode: Encoder, specials: _Specials, render, trai
     if train_on == "all":
         ids = encode(whole)[0]
         return [_cut(ids, [IGNORE_INDEX] + ids[1:], max_length)]
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    turns = turns[-1:] if train_on == "last" else turns
+    turns = _trained_turns(messages, train_on)
     parts = [_turn(messages, turn, encode, specials, render) for turn in turns]
     if not _one_sample(parts):
         same_text = all(later.text.startswith(part.text) for part, later in zip(parts, parts[1:]))
