@@ -37,7 +37,7 @@ def preflight(argv: list[str]) -> None:
             continue
         for source in value if isinstance(value, list) else [value]:
             path = source.get("path") if isinstance(source, dict) else source
-            if isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "{"):
+            if _plain_path(path):
                 require_source(path)
     model = settings["model"].get("model_name_or_path")
     if isinstance(model, str):
@@ -50,12 +50,16 @@ def _plain_sources(value: Any) -> bool:
     quoted weight the parser would convert, or a glob, is left to it)."""
     items = value if isinstance(value, list) else [value]
     number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))  # noqa: E731
-    plain = lambda path: isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "{")  # noqa: E731
     return bool(items) and all(
-        plain(item) or (isinstance(item, dict) and plain(item.get("path")) and number(item.get("weight"))
-                        and number(item.get("conversations")))
+        _plain_path(item) or (isinstance(item, dict) and _plain_path(item.get("path")) and number(item.get("weight"))
+                              and number(item.get("conversations")))
         for item in items
     )
+
+
+def _plain_path(path: Any) -> bool:
+    """A path as written, not a glob or an inline value the full parser reads its own way."""
+    return isinstance(path, str) and not any(char in path for char in GLOB_CHARACTERS + "{")
 
 
 def _settings(options: list[str]) -> Optional[dict[str, dict[str, Any]]]:

@@ -20,7 +20,7 @@ from sft_lightning.checkpoint_loading import load_trained_module
 from sft_lightning.cli import cli_main
 from sft_lightning.zero import DeepSpeedStrategy, at_optimizer_step, deepspeed_config, offloads_optimizer, skips_nonfinite_steps
 from tests.conftest import ROOT, TINY_QWEN, cli_fit, fit_here
-from tests.helpers import assert_same_gradients
+from tests.helpers import IN_CHUNKS, assert_same_gradients
 
 PRESETS = sorted((ROOT / "configs").glob("*deepspeed.yaml"))
 
@@ -62,7 +62,7 @@ def on_cpu(root, *extra: str) -> list[str]:
     """The ZeRO-3 preset's options for this CPU, a tiny model and 2 recorded steps."""
     return [
         "--trainer.accelerator=cpu", "--trainer.precision=32-true",
-        "--model.lm_head_chunk_above_mb=0",  # the tiny vocabulary's logits: in chunks all the same, as at a real one
+        IN_CHUNKS,
         f"--model.model_name_or_path={TINY_QWEN}", "--model.learning_rate=1e-3", "--model.weight_decay=0.1",
         "--data.max_length=128", "--data.num_workers=0", "--trainer.max_steps=2",
         "--trainer.callbacks+=tests.test_deepspeed.StepRecorder", f"--trainer.callbacks.path={root / 'record.pt'}", *extra,

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 import sft_lightning.language_model as language_model_py
 from sft_lightning.cli import cli_main
 from tests.conftest import ROOT, TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
-from tests.helpers import logged_scalars
+from tests.helpers import IN_CHUNKS, logged_scalars
 from tests.strict_kernels import strict_calls
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def on_cpu(model: str, *extra: str) -> list[str]:
     small data."""
     return [
         "--trainer.accelerator=cpu", "--trainer.num_nodes=1", "--trainer.precision=32-true",
-        "--model.lm_head_chunk_above_mb=0",  # the tiny vocabulary's logits: in chunks all the same, as at a real one
+        IN_CHUNKS,
         f"--model.model_name_or_path={model}", "--model.learning_rate=1e-3", "--data.max_length=128",
         "--data.num_workers=0", "--trainer.max_steps=20", "--trainer.max_epochs=-1", "--checkpoint.every_n_train_steps=5",
         "--trainer.val_check_interval=1.0",  # the preset's 0.25 would validate (and save) about every step here

@@ -5,6 +5,7 @@ inputs the real kernel accepts, in bf16. FSDP2 is covered in test_fsdp.py, on 2 
 import pytest
 
 from tests.conftest import TINY_LLAMA, TINY_QWEN, cli_fit, fit_here
+from tests.helpers import IN_CHUNKS
 from tests.strict_kernels import strict_calls
 
 pytestmark = pytest.mark.slow
@@ -14,7 +15,7 @@ def on_cpu(model: str, kernel_path, *extra: str) -> list[str]:
     """A preset's own precision (bf16-mixed, and its weight dtype) on this CPU, a tiny model, 2 packed steps."""
     return [
         "--trainer.accelerator=cpu", "--trainer.num_nodes=1", f"--model.model_name_or_path={model}",
-        "--model.lm_head_chunk_above_mb=0",  # the tiny vocabulary's logits: in chunks all the same, as at a real one
+        IN_CHUNKS,
         "--data.max_length=128", "--data.num_workers=0", "--trainer.max_steps=2", "--trainer.val_check_interval=1.0",
         "--data.val_path=null", "--trainer.callbacks+=tests.strict_kernels.StrictVarlen",
         f"--trainer.callbacks.path={kernel_path}", *extra,
